@@ -1,0 +1,167 @@
+"""The command line: ``python -m dropout_lab {fit,validate,test,predict} --config configs/mlp.yaml``."""
+
+from __future__ import annotations
+
+import re
+import sys
+from typing import Any
+
+import torch
+from jsonargparse import ArgumentError
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from dropout_lab.data import FashionMNISTDataModule
+from dropout_lab.idx import DataError
+from dropout_lab.models import ClassifierModule
+
+__all__ = ["ConfigError", "DropoutLabCLI", "main"]
+
+DESCRIPTION = (
+    "Train and study dropout-regularized networks on FashionMNIST. "
+    "Pick a model with --model (class path, e.g. dropout_lab.models.DropoutMLP) or a config file; "
+    "`fit` trains, then tests the best checkpoint (--test_after_fit false to skip). "
+    "Logs go to TensorBoard: tensorboard --logdir lightning_logs"
+)
+
+
+class ConfigError(ValueError):
+    """A configuration value that parsed but cannot be used; the message names the key."""
+
+
+class DropoutLabCLI(LightningCLI):
+    """LightningCLI with the project's defaults: any ``ClassifierModule``, the FashionMNIST data, seed 0.
+
+    Args:
+        args: arguments to parse instead of ``sys.argv`` (list of strings or a dict).
+        run: run the subcommand (false = only instantiate the classes).
+        **kwargs: passed on to :class:`~lightning.pytorch.cli.LightningCLI`.
+    """
+
+    def __init__(self, args: Any = None, run: bool = True, **kwargs: Any) -> None:
+        prog = "python -m dropout_lab" if sys.argv[0].endswith("__main__.py") else None
+        kwargs.setdefault("parser_kwargs", {"description": DESCRIPTION, "exit_on_error": False, "prog": prog})
+        super().__init__(
+            model_class=ClassifierModule,
+            subclass_mode_model=True,
+            datamodule_class=FashionMNISTDataModule,
+            seed_everything_default=0,
+            save_config_kwargs={"overwrite": True},
+            auto_configure_optimizers=False,
+            args=args,
+            run=run,
+            **kwargs,
+        )
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        """Default model ``DropoutMLP``; ``checkpoint.*`` configures the best (by ``val/acc``) and last checkpoints."""
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults(
+            {
+                "model": {"class_path": "dropout_lab.models.DropoutMLP"},
+                "checkpoint.monitor": "val/acc",
+                "checkpoint.mode": "max",
+                "checkpoint.save_last": True,
+                "checkpoint.filename": "best-epoch{epoch:02d}",
+                "checkpoint.auto_insert_metric_name": False,
+            }
+        )
+
+    def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> LightningArgumentParser:
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        if subcommand == "fit":
+            parser.add_argument(
+                "--test_after_fit",
+                type=bool,
+                default=True,
+                help="After fit, run `test` on the best checkpoint (the last one when there is no validation).",
+            )
+        return parser
+
+    def before_instantiate_classes(self) -> None:
+        """Fail early on a GPU request without a GPU; without validation, keep only the last checkpoint."""
+        config = self.config.get(str(self.subcommand), self.config)
+        accelerator = config.trainer.accelerator
+        if isinstance(accelerator, str) and accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+            raise ConfigError(
+                f"trainer.accelerator: {accelerator!r} asked for, but this machine has no usable CUDA GPU; "
+                "use --trainer.accelerator auto (or cpu)"
+            )
+        if config.data.val_size == 0:
+            config.checkpoint.monitor = None
+
+    def instantiate_classes(self) -> None:
+        """Instantiate model, data and trainer; a constructor's ``ValueError`` becomes a one-line config error."""
+        try:
+            super().instantiate_classes()
+        except (ValueError, TypeError) as err:
+            raise ConfigError(str(err)) from None
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        """Build the Trainer.
+
+        ``--trainer.enable_checkpointing false`` drops the ``checkpoint`` callback and
+        ``--trainer.enable_progress_bar false`` drops a configured progress bar, instead of failing.
+        """
+        config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
+        extra = [self._get(self.config_init, key) for key in self._parser(self.subcommand).callback_keys]
+        if config.get("enable_checkpointing") is False:
+            extra = [c for c in extra if not isinstance(c, ModelCheckpoint)]
+        if config.get("enable_progress_bar") is False and config.get("callbacks"):
+            config["callbacks"] = [c for c in config["callbacks"] if not isinstance(c, ProgressBar)]
+        return self._instantiate_trainer(config, extra)
+
+    def after_fit(self) -> None:
+        """Test the best checkpoint (or the last weights) when ``--test_after_fit`` is true."""
+        if not self.config.fit.get("test_after_fit", True) or self.trainer.interrupted:
+            return
+        callback = self.trainer.checkpoint_callback
+        ckpt = None
+        if isinstance(callback, ModelCheckpoint):
+            ckpt = callback.best_model_path or callback.last_model_path or None
+        self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt)
+
+
+_NOISE = (
+    "Does not validate against",
+    "Subtypes:",
+    "Errors:",
+    "Given value",
+    "Problem with given class_path",
+    "Expected a <class 'NoneType'>",
+)
+
+
+def condense_error(message: str) -> str:
+    """One line from a (possibly nested, multi-line) parser or constructor error: the full key and the reason."""
+    keys: list[str] = []
+    for raw in message.strip().splitlines():
+        line = raw.strip().removeprefix("- ").strip()
+        if not line or line.startswith(_NOISE):
+            continue
+        found = re.match(r'Parser key "([^"]+)":\s*(.*)', line)
+        if found:
+            keys.append(found.group(1))
+            line = found.group(2)
+            if not line:
+                continue
+        key = ".".join(keys)
+        return f"{key}: {line}" if key and not line.startswith(key) else line
+    return message.strip().splitlines()[0] if message.strip() else "invalid arguments"
+
+
+def main(args: Any = None) -> None:
+    """Run the CLI; user mistakes end with one ``error:`` line and exit code 2, not a traceback."""
+    try:
+        DropoutLabCLI(args=args)
+    except (DataError, ConfigError, MisconfigurationException, ArgumentError) as err:
+        print(f"error: {condense_error(str(err))}", file=sys.stderr)
+        if isinstance(err, ArgumentError):
+            print("(see `python -m dropout_lab <subcommand> --help` for every option)", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,386 @@
+"""The dropout family: functional ops and their ``nn.Module`` twins (timm ``layers/drop.py`` style).
+
+Every noise layer subclasses :class:`StochasticModule`, so MC dropout and the activation-variance callback find
+them with :func:`stochastic_modules` / :func:`set_mc` instead of ``isinstance(m, nn.Dropout)``. A module is noisy
+when ``(training or mc) and it has noise``; otherwise it returns its deterministic expectation (identity for
+dropout). Masks are drawn on the input's device and dtype; no host syncs in any forward.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "ChannelDropout",
+    "DropConnectLinear",
+    "Dropout",
+    "Dropout2d",
+    "GaussianDropout",
+    "GaussianNoiseReLU",
+    "RandomizedLeakyReLU",
+    "ScratchDropout",
+    "StochasticActivationName",
+    "StochasticModule",
+    "StochasticReLU",
+    "channel_dropout",
+    "check_probability",
+    "dropconnect_linear",
+    "gaussian_dropout",
+    "gaussian_noise_relu",
+    "make_stochastic_activation",
+    "scratch_dropout",
+    "set_mc",
+    "stochastic_modules",
+    "stochastic_relu",
+]
+
+StochasticActivationName = Literal["stochastic_relu", "rrelu", "gaussian_relu"]
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+
+
+def check_probability(p: float, name: str = "p", *, allow_one: bool = False) -> float:
+    """Return ``float(p)`` or raise ``ValueError`` naming ``name`` unless ``0 <= p < 1`` (``<= 1`` if allowed)."""
+    ok = isinstance(p, numbers.Real) and math.isfinite(p) and 0 <= p and (p <= 1 if allow_one else p < 1)
+    if not ok:
+        raise ValueError(f"{name} must satisfy 0 <= {name} {'<=' if allow_one else '<'} 1, got {p}")
+    return float(p)
+
+
+class StochasticModule(nn.Module):
+    """Base of every noise layer: ``p`` (drop probability, 0 where it has no meaning) and the MC switch ``mc``.
+
+    With ``mc = True`` (see :func:`set_mc`) the layer stays stochastic in eval mode (MC dropout).
+    """
+
+    p: float = 0.0
+    mc: bool = False
+
+    @property
+    def has_noise(self) -> bool:
+        """Whether the layer injects any noise at all (``p > 0`` unless a subclass says otherwise)."""
+        return self.p > 0
+
+    @property
+    def stochastic(self) -> bool:
+        """Whether the next forward is random: ``(training or mc) and has_noise``."""
+        return (self.training or self.mc) and self.has_noise
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}" + (", mc=True" if self.mc else "")
+
+
+def stochastic_modules(module: nn.Module) -> list[tuple[str, StochasticModule]]:
+    """Return ``(qualified name, layer)`` for every :class:`StochasticModule` in ``module`` (itself included)."""
+    return [(name, m) for name, m in module.named_modules() if isinstance(m, StochasticModule)]
+
+
+def set_mc(module: nn.Module, enabled: bool) -> list[StochasticModule]:
+    """Set ``mc`` on every :class:`StochasticModule` in ``module`` and return those layers."""
+    layers = [m for _, m in stochastic_modules(module)]
+    for m in layers:
+        m.mc = bool(enabled)
+    return layers
+
+
+# --------------------------------------------------------------------------------------- inverted dropout
+class _ScratchDropoutFunction(torch.autograd.Function):
+    """Inverted dropout with an explicit backward that reuses the forward's keep mask."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, p: float) -> Tensor:
+        mask = torch.rand_like(x) > p  # uniform keep mask, P(keep) = 1 - p
+        ctx.save_for_backward(mask)
+        ctx.scale = 1.0 / (1.0 - p)
+        return x * mask * ctx.scale
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        (mask,) = ctx.saved_tensors
+        return grad * mask * ctx.scale, None
+
+
+def scratch_dropout(x: Tensor, p: float, training: bool = True) -> Tensor:
+    """Inverted dropout from scratch: keep each element with prob. ``1 - p`` and scale it by ``1 / (1 - p)``.
+
+    ``p = 0`` (or ``training=False``) returns ``x``; ``p = 1`` returns zeros (as in the d2l book).
+    """
+    p = check_probability(p, allow_one=True)
+    if not training or p == 0:
+        return x
+    if p == 1:
+        return torch.zeros_like(x)
+    return _ScratchDropoutFunction.apply(x, p)
+
+
+def channel_dropout(x: Tensor, p: float, training: bool = True) -> Tensor:
+    """Channel-wise inverted dropout from scratch: one keep draw per (sample, channel) of ``x`` (N, C, ...)."""
+    p = check_probability(p)
+    if not training or p == 0:
+        return x
+    shape = x.shape[:2] + (1,) * (x.dim() - 2)
+    mask = torch.rand(shape, device=x.device, dtype=x.dtype) > p
+    return x * mask * (1.0 / (1.0 - p))
+
+
+def gaussian_dropout(x: Tensor, p: float, training: bool = True) -> Tensor:
+    """Gaussian dropout (Srivastava et al. 2014, §10): multiply ``x`` by noise drawn from N(1, p / (1 - p))."""
+    p = check_probability(p)
+    if not training or p == 0:
+        return x
+    return x * torch.randn_like(x).mul_(math.sqrt(p / (1.0 - p))).add_(1.0)
+
+
+class _DropProbabilityModule(StochasticModule):
+    """A :class:`StochasticModule` whose only argument is its drop probability.
+
+    Args:
+        p: drop probability (0 <= p < 1).
+    """
+
+    def __init__(self, p: float = 0.5) -> None:
+        super().__init__()
+        self.p = check_probability(p)
+
+
+class ScratchDropout(_DropProbabilityModule):
+    """Inverted dropout with a hand-written autograd function (the d2l "from scratch" layer).
+
+    Args:
+        p: probability of zeroing each element (0 <= p < 1).
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        return scratch_dropout(x, self.p) if self.stochastic else x
+
+
+class Dropout(_DropProbabilityModule):
+    """Element-wise dropout through ``F.dropout`` (PyTorch's kernel), as a member of the family.
+
+    Args:
+        p: probability of zeroing each element (0 <= p < 1).
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.dropout(x, self.p, training=True) if self.stochastic else x
+
+
+class Dropout2d(_DropProbabilityModule):
+    """Channel-wise dropout through ``F.dropout2d`` for inputs of shape (N, C, H, W).
+
+    Args:
+        p: probability of zeroing each whole channel (0 <= p < 1).
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.dropout2d(x, self.p, training=True) if self.stochastic else x
+
+
+class ChannelDropout(_DropProbabilityModule):
+    """Channel-wise inverted dropout from scratch (one Bernoulli per sample and channel of (N, C, ...)).
+
+    Args:
+        p: probability of zeroing each whole channel (0 <= p < 1).
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        return channel_dropout(x, self.p) if self.stochastic else x
+
+
+class GaussianDropout(_DropProbabilityModule):
+    """Multiplicative Gaussian noise N(1, p / (1 - p)): the same mean and variance as inverted dropout.
+
+    Args:
+        p: the equivalent drop probability (0 <= p < 1); the noise variance is ``p / (1 - p)``.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        return gaussian_dropout(x, self.p) if self.stochastic else x
+
+
+# --------------------------------------------------------------------------------------- DropConnect
+def _dropconnect(
+    x: Tensor, weight: Tensor, bias: Tensor | None, p: float, per_sample: bool
+) -> tuple[Tensor, Tensor]:
+    """Return the DropConnect output and the boolean keep mask ((out, in), or (rows, out, in) per sample)."""
+    scaled = weight * (1.0 / (1.0 - p))
+    if not per_sample:
+        mask = torch.rand(weight.shape, device=weight.device, dtype=weight.dtype) > p
+        return F.linear(x, torch.where(mask, scaled, 0.0), bias), mask
+    rows = x.reshape(-1, x.shape[-1])
+    mask = torch.rand((rows.shape[0], *weight.shape), device=weight.device, dtype=weight.dtype) > p
+    out = torch.bmm(torch.where(mask, scaled, 0.0), rows.unsqueeze(-1)).squeeze(-1)
+    if bias is not None:
+        out = out + bias
+    return out.reshape(*x.shape[:-1], weight.shape[0]), mask
+
+
+def dropconnect_linear(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    p: float = 0.5,
+    training: bool = True,
+    per_sample: bool = False,
+) -> Tensor:
+    """DropConnect (Wan et al. 2013): ``F.linear`` with each weight kept with prob. ``1 - p``, scaled ``1/(1-p)``.
+
+    The bias is never masked. One weight mask per call, or one per row of ``x`` with ``per_sample=True``
+    (memory: rows x out x in). ``training=False`` or ``p = 0`` is exactly ``F.linear``.
+    """
+    p = check_probability(p)
+    if not training or p == 0:
+        return F.linear(x, weight, bias)
+    return _dropconnect(x, weight, bias, p, per_sample)[0]
+
+
+class DropConnectLinear(nn.Linear, StochasticModule):
+    """An ``nn.Linear`` whose weights (not activations) are dropped in training; eval uses the full weights.
+
+    After each stochastic forward, ``last_mask`` holds the boolean keep mask that was used (shape (out, in), or
+    (rows, out, in) with ``per_sample``); it is ``None`` until then and not updated by deterministic forwards.
+
+    Args:
+        in_features: size of each input sample.
+        out_features: size of each output sample.
+        p: probability of dropping each weight (0 <= p < 1).
+        bias: whether to learn an additive bias (never masked).
+        per_sample: draw one weight mask per row of the batch instead of one per forward.
+    """
+
+    def __init__(
+        self, in_features: int, out_features: int, p: float = 0.5, bias: bool = True, per_sample: bool = False
+    ) -> None:
+        super().__init__(in_features, out_features, bias=bias)
+        self.p = check_probability(p)
+        self.per_sample = per_sample
+        self.last_mask: Tensor | None = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.stochastic:
+            return F.linear(x, self.weight, self.bias)
+        out, self.last_mask = _dropconnect(x, self.weight, self.bias, self.p, self.per_sample)
+        return out
+
+    def extra_repr(self) -> str:
+        return (
+            f"{nn.Linear.extra_repr(self)}, {StochasticModule.extra_repr(self)}, per_sample={self.per_sample}"
+        )
+
+
+# --------------------------------------------------------------------------------------- stochastic activations
+def stochastic_relu(x: Tensor, p: float, training: bool = True) -> Tensor:
+    """Unbiased stochastic ReLU: ``relu(x) * mask / (1 - p)`` with mask ~ Bernoulli(1 - p); eval is ``relu``."""
+    return scratch_dropout(F.relu(x), check_probability(p), training)
+
+
+def _check_sigma(sigma: float) -> float:
+    if not (isinstance(sigma, numbers.Real) and math.isfinite(sigma) and sigma >= 0):
+        raise ValueError(f"sigma must be a finite number >= 0, got {sigma}")
+    return float(sigma)
+
+
+def gaussian_noise_relu(x: Tensor, sigma: float, training: bool = True) -> Tensor:
+    """``relu(x + sigma * eps)``, eps ~ N(0, 1), in training; its exact expectation otherwise.
+
+    The expectation is ``x * Phi(x / sigma) + sigma * phi(x / sigma)``; ``sigma = 0`` is ``relu``.
+    """
+    sigma = _check_sigma(sigma)
+    if sigma == 0:
+        return F.relu(x)
+    if training:
+        return F.relu(x + torch.randn_like(x).mul_(sigma))
+    z = x / sigma
+    return x * torch.special.ndtr(z) + (sigma * _INV_SQRT_2PI) * torch.exp(-0.5 * z * z)
+
+
+class StochasticReLU(_DropProbabilityModule):
+    """ReLU followed by inverted dropout, so its expectation is exactly ``relu(x)`` (the eval output).
+
+    Args:
+        p: probability of zeroing each activation (0 <= p < 1).
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        return stochastic_relu(x, self.p, self.stochastic)
+
+
+class RandomizedLeakyReLU(StochasticModule):
+    """Randomized leaky ReLU (``F.rrelu``): slope ~ U(lower, upper) per negative element; eval slope is the mean.
+
+    ``p`` stays 0 (no drop probability); the layer is noisy while ``upper > lower``.
+
+    Args:
+        lower: lower bound of the random negative slope (0 <= lower <= upper).
+        upper: upper bound of the random negative slope.
+    """
+
+    def __init__(self, lower: float = 1.0 / 8.0, upper: float = 1.0 / 3.0) -> None:
+        super().__init__()
+        if not all(isinstance(v, numbers.Real) and math.isfinite(v) for v in (lower, upper)):
+            raise ValueError(f"lower and upper must be finite numbers, got lower={lower}, upper={upper}")
+        if not 0 <= lower <= upper:
+            raise ValueError(
+                f"lower and upper must satisfy 0 <= lower <= upper, got lower={lower}, upper={upper}"
+            )
+        self.lower, self.upper = float(lower), float(upper)
+
+    @property
+    def has_noise(self) -> bool:
+        """Noisy while the slope interval is not a single point."""
+        return self.upper > self.lower
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.rrelu(x, self.lower, self.upper, training=self.stochastic)
+
+    def extra_repr(self) -> str:
+        return f"lower={self.lower}, upper={self.upper}" + (", mc=True" if self.mc else "")
+
+
+class GaussianNoiseReLU(StochasticModule):
+    """ReLU of a Gaussian-perturbed input in training; its exact (smooth) expectation in eval.
+
+    ``p`` stays 0 (no drop probability); the layer is noisy while ``sigma > 0``.
+
+    Args:
+        sigma: standard deviation of the additive input noise (>= 0; 0 gives a plain ReLU).
+    """
+
+    def __init__(self, sigma: float = 0.5) -> None:
+        super().__init__()
+        self.sigma = _check_sigma(sigma)
+
+    @property
+    def has_noise(self) -> bool:
+        """Noisy while ``sigma > 0``."""
+        return self.sigma > 0
+
+    def forward(self, x: Tensor) -> Tensor:
+        return gaussian_noise_relu(x, self.sigma, self.stochastic)
+
+    def extra_repr(self) -> str:
+        return f"sigma={self.sigma}" + (", mc=True" if self.mc else "")
+
+
+def make_stochastic_activation(name: StochasticActivationName, p: float = 0.5) -> StochasticModule:
+    """Build a stochastic activation by name.
+
+    Args:
+        name: ``"stochastic_relu"``, ``"rrelu"`` or ``"gaussian_relu"``.
+        p: the noise level: drop probability for ``stochastic_relu``, ``sigma`` for ``gaussian_relu``; ignored
+            by ``rrelu`` (default slopes 1/8..1/3).
+    """
+    if name == "stochastic_relu":
+        return StochasticReLU(p)
+    if name == "gaussian_relu":
+        return GaussianNoiseReLU(sigma=p)
+    if name == "rrelu":
+        return RandomizedLeakyReLU()
+    raise ValueError(
+        f"unknown stochastic activation {name!r}; choose one of stochastic_relu, rrelu, gaussian_relu"
+    )
