@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 
 from jsonargparse.typing import restricted_number_type
@@ -14,20 +15,36 @@ Probability = restricted_number_type(
 )
 
 
-def check_probability(p: float, name: str = "p") -> float:
-    """Return ``float(p)``, or raise ``ValueError`` naming ``name`` unless 0 ≤ p < 1."""
-    if not (isinstance(p, (int, float)) and math.isfinite(p) and 0 <= p < 1):
-        raise ValueError(f"{name} must satisfy 0 <= p < 1, got {p!r}")
+def check_probability(p: float, name: str = "p", *, allow_one: bool = False) -> float:
+    """Return ``float(p)``; raise ``ValueError`` naming ``name`` unless 0 ≤ p < 1 (p ≤ 1 with ``allow_one``)."""
+    finite = isinstance(p, numbers.Real) and math.isfinite(p)
+    if not (finite and p >= 0 and (p <= 1 if allow_one else p < 1)):
+        raise ValueError(f"{name} must satisfy 0 <= {name} {'<=' if allow_one else '<'} 1, got {p}")
     return float(p)
 
 
-def check_probabilities(hidden_sizes: Sequence[int], dropouts: Sequence[float], input_dropout: float = 0.0) -> None:
-    """Check one valid p per hidden layer (and the input p); raise ``ValueError`` naming the key."""
-    if len(dropouts) != len(hidden_sizes):
+def check_probabilities(
+    layers: Sequence[int],
+    dropouts: Sequence[float],
+    extra: float = 0.0,
+    key: str = "model.dropouts",
+    per: str = "hidden layer",
+    extra_key: str = "model.input_dropout",
+) -> None:
+    """Check one valid p per layer (and one extra p); raise ``ValueError`` naming the key.
+
+    Args:
+        layers: the layer sizes the probabilities belong to (only their count matters).
+        dropouts: one probability per layer.
+        extra: one more probability to check (input dropout, dense dropout).
+        key: the config key of ``dropouts``, for the message.
+        per: what one entry of ``layers`` is, for the message.
+        extra_key: the config key of ``extra``.
+    """
+    if len(dropouts) != len(layers):
         raise ValueError(
-            f"model.dropouts: {len(dropouts)} values for {len(hidden_sizes)} hidden layers "
-            f"(model.hidden_sizes={list(hidden_sizes)}); give one p per hidden layer"
+            f"{key}: {len(dropouts)} values for {len(layers)} {per}s ({list(layers)}); give one p per {per}"
         )
     for i, p in enumerate(dropouts):
-        check_probability(p, f"model.dropouts[{i}]")
-    check_probability(input_dropout, "model.input_dropout")
+        check_probability(p, f"{key}[{i}]")
+    check_probability(extra, extra_key)

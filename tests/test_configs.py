@@ -1,0 +1,49 @@
+"""Every config in configs/ runs `fit` (then `test`) with fast_dev_run on synthetic data, through the CLI.
+
+The YAML files are discovered, so a new config is smoke-tested without editing this file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dropout_lab.cli import DropoutLabCLI
+from dropout_lab.models import ClassifierModule
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+
+
+def test_configs_exist() -> None:
+    names = {p.stem for p in CONFIGS}
+    assert {"mlp", "mlp_scratch", "mlp_dropconnect", "mlp_stochastic", "mlp_gaussian", "mlp_hinton", "lenet"} <= names
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_config_fast_dev_run(config: Path, gz_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FASHION_MNIST_DIR", str(gz_dir))
+    monkeypatch.chdir(tmp_path)
+    cli = DropoutLabCLI(
+        args=[
+            "fit",
+            "--config",
+            str(config),
+            "--trainer.fast_dev_run",
+            "true",
+            "--trainer.accelerator",
+            "cpu",
+            "--data.data_dir",
+            str(tmp_path / "data"),
+            "--data.val_size",
+            "100",
+            "--trainer.enable_progress_bar",
+            "false",
+        ]
+    )
+    assert isinstance(cli.model, ClassifierModule)
+    assert cli.trainer.state.finished
+    # fit ran one training batch and, through --test_after_fit (default true), one test batch
+    assert "test/acc" in cli.trainer.callback_metrics
+    assert 0.0 <= float(cli.trainer.callback_metrics["test/acc"]) <= 1.0
