@@ -1,9 +1,9 @@
 """The dropout family: functional ops and their ``nn.Module`` twins (timm ``layers/drop.py`` style).
 
-Every noise layer subclasses :class:`StochasticModule`, so MC dropout and the activation-variance callback find
-them with :func:`stochastic_modules` / :func:`set_mc` instead of ``isinstance(m, nn.Dropout)``. A module is noisy
-when ``(training or mc) and it has noise``; otherwise it returns its deterministic expectation (identity for
-dropout). Masks are drawn on the input's device and dtype; no host syncs in any forward.
+Every noise layer subclasses :class:`StochasticModule`, so MC dropout and the activation-variance callback
+find them with :func:`stochastic_modules` / :func:`set_mc`, not with ``isinstance(m, nn.Dropout)``. A layer is
+random when ``(training or mc) and has_noise``; otherwise it returns its deterministic expectation (identity
+for dropout). Noise is drawn on the input's device and dtype; no forward syncs with the host.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from dropout_lab.types import check_probability
 
 __all__ = [
     "ChannelDropout",
@@ -44,22 +46,25 @@ StochasticActivationName = Literal["stochastic_relu", "rrelu", "gaussian_relu"]
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
 
-def check_probability(p: float, name: str = "p", *, allow_one: bool = False) -> float:
-    """Return ``float(p)`` or raise ``ValueError`` naming ``name`` unless ``0 <= p < 1`` (``<= 1`` if allowed)."""
-    ok = isinstance(p, numbers.Real) and math.isfinite(p) and 0 <= p and (p <= 1 if allow_one else p < 1)
-    if not ok:
-        raise ValueError(f"{name} must satisfy 0 <= {name} {'<=' if allow_one else '<'} 1, got {p}")
-    return float(p)
+def _finite(value: object) -> bool:
+    return isinstance(value, numbers.Real) and math.isfinite(value)
+
+
+def _check_sigma(sigma: float) -> float:
+    if not (_finite(sigma) and sigma >= 0):
+        raise ValueError(f"sigma must be a finite number >= 0, got {sigma}")
+    return float(sigma)
 
 
 class StochasticModule(nn.Module):
-    """Base of every noise layer: ``p`` (drop probability, 0 where it has no meaning) and the MC switch ``mc``.
+    """Base of every noise layer: drop probability ``p`` (0 where it means nothing) and the MC switch ``mc``.
 
-    With ``mc = True`` (see :func:`set_mc`) the layer stays stochastic in eval mode (MC dropout).
+    With ``mc = True`` (see :func:`set_mc`) the layer stays random in eval mode (MC dropout).
     """
 
     p: float = 0.0
     mc: bool = False
+    _repr_fields: tuple[str, ...] = ("p",)
 
     @property
     def has_noise(self) -> bool:
@@ -72,11 +77,13 @@ class StochasticModule(nn.Module):
         return (self.training or self.mc) and self.has_noise
 
     def extra_repr(self) -> str:
-        return f"p={self.p}" + (", mc=True" if self.mc else "")
+        """The noise parameters (and ``mc=True`` when set), shown by ``print(model)``."""
+        fields = [f"{k}={getattr(self, k)}" for k in self._repr_fields]
+        return ", ".join(fields + (["mc=True"] if self.mc else []))
 
 
 def stochastic_modules(module: nn.Module) -> list[tuple[str, StochasticModule]]:
-    """Return ``(qualified name, layer)`` for every :class:`StochasticModule` in ``module`` (itself included)."""
+    """Return ``(qualified name, layer)`` for each :class:`StochasticModule` in ``module`` (itself too)."""
     return [(name, m) for name, m in module.named_modules() if isinstance(m, StochasticModule)]
 
 
@@ -88,13 +95,13 @@ def set_mc(module: nn.Module, enabled: bool) -> list[StochasticModule]:
     return layers
 
 
-# --------------------------------------------------------------------------------------- inverted dropout
+# ---------------------------------------------------------------------------------------------- dropout
 class _ScratchDropoutFunction(torch.autograd.Function):
     """Inverted dropout with an explicit backward that reuses the forward's keep mask."""
 
     @staticmethod
     def forward(ctx, x: Tensor, p: float) -> Tensor:
-        mask = torch.rand_like(x) > p  # uniform keep mask, P(keep) = 1 - p
+        mask = torch.rand_like(x) > p  # uniform keep mask: P(keep) = 1 - p
         ctx.save_for_backward(mask)
         ctx.scale = 1.0 / (1.0 - p)
         return x * mask * ctx.scale
@@ -106,7 +113,7 @@ class _ScratchDropoutFunction(torch.autograd.Function):
 
 
 def scratch_dropout(x: Tensor, p: float, training: bool = True) -> Tensor:
-    """Inverted dropout from scratch: keep each element with prob. ``1 - p`` and scale it by ``1 / (1 - p)``.
+    """Inverted dropout from scratch: keep each element with prob. ``1 - p``, scaled by ``1 / (1 - p)``.
 
     ``p = 0`` (or ``training=False``) returns ``x``; ``p = 1`` returns zeros (as in the d2l book).
     """
@@ -119,24 +126,23 @@ def scratch_dropout(x: Tensor, p: float, training: bool = True) -> Tensor:
 
 
 def channel_dropout(x: Tensor, p: float, training: bool = True) -> Tensor:
-    """Channel-wise inverted dropout from scratch: one keep draw per (sample, channel) of ``x`` (N, C, ...)."""
+    """Channel-wise inverted dropout from scratch: one keep draw per (sample, channel) of x (N, C, ...)."""
     p = check_probability(p)
     if not training or p == 0:
         return x
-    shape = x.shape[:2] + (1,) * (x.dim() - 2)
-    mask = torch.rand(shape, device=x.device, dtype=x.dtype) > p
+    mask = torch.rand(x.shape[:2] + (1,) * (x.dim() - 2), device=x.device, dtype=x.dtype) > p
     return x * mask * (1.0 / (1.0 - p))
 
 
 def gaussian_dropout(x: Tensor, p: float, training: bool = True) -> Tensor:
-    """Gaussian dropout (Srivastava et al. 2014, §10): multiply ``x`` by noise drawn from N(1, p / (1 - p))."""
+    """Gaussian dropout (Srivastava et al. 2014, §10): multiply ``x`` by noise ~ N(1, p / (1 - p))."""
     p = check_probability(p)
     if not training or p == 0:
         return x
     return x * torch.randn_like(x).mul_(math.sqrt(p / (1.0 - p))).add_(1.0)
 
 
-class _DropProbabilityModule(StochasticModule):
+class _DropModule(StochasticModule):
     """A :class:`StochasticModule` whose only argument is its drop probability.
 
     Args:
@@ -148,18 +154,19 @@ class _DropProbabilityModule(StochasticModule):
         self.p = check_probability(p)
 
 
-class ScratchDropout(_DropProbabilityModule):
-    """Inverted dropout with a hand-written autograd function (the d2l "from scratch" layer).
+class ScratchDropout(_DropModule):
+    """Inverted dropout through a hand-written autograd function (the d2l "from scratch" layer).
 
     Args:
         p: probability of zeroing each element (0 <= p < 1).
     """
 
     def forward(self, x: Tensor) -> Tensor:
+        """``x`` with elements dropped and the rest scaled by 1/(1-p); ``x`` itself when not stochastic."""
         return scratch_dropout(x, self.p) if self.stochastic else x
 
 
-class Dropout(_DropProbabilityModule):
+class Dropout(_DropModule):
     """Element-wise dropout through ``F.dropout`` (PyTorch's kernel), as a member of the family.
 
     Args:
@@ -167,10 +174,11 @@ class Dropout(_DropProbabilityModule):
     """
 
     def forward(self, x: Tensor) -> Tensor:
+        """``F.dropout(x, p)`` when stochastic (also in eval with ``mc``), else ``x``."""
         return F.dropout(x, self.p, training=True) if self.stochastic else x
 
 
-class Dropout2d(_DropProbabilityModule):
+class Dropout2d(_DropModule):
     """Channel-wise dropout through ``F.dropout2d`` for inputs of shape (N, C, H, W).
 
     Args:
@@ -178,46 +186,47 @@ class Dropout2d(_DropProbabilityModule):
     """
 
     def forward(self, x: Tensor) -> Tensor:
+        """``F.dropout2d(x, p)`` when stochastic (also in eval with ``mc``), else ``x``."""
         return F.dropout2d(x, self.p, training=True) if self.stochastic else x
 
 
-class ChannelDropout(_DropProbabilityModule):
-    """Channel-wise inverted dropout from scratch (one Bernoulli per sample and channel of (N, C, ...)).
+class ChannelDropout(_DropModule):
+    """Channel-wise inverted dropout from scratch: one Bernoulli per (sample, channel) of (N, C, ...).
 
     Args:
         p: probability of zeroing each whole channel (0 <= p < 1).
     """
 
     def forward(self, x: Tensor) -> Tensor:
+        """``x`` with whole channels dropped and the rest scaled by 1/(1-p); ``x`` when not stochastic."""
         return channel_dropout(x, self.p) if self.stochastic else x
 
 
-class GaussianDropout(_DropProbabilityModule):
-    """Multiplicative Gaussian noise N(1, p / (1 - p)): the same mean and variance as inverted dropout.
+class GaussianDropout(_DropModule):
+    """Multiplicative Gaussian noise N(1, p / (1 - p)): the mean and variance of inverted dropout.
 
     Args:
-        p: the equivalent drop probability (0 <= p < 1); the noise variance is ``p / (1 - p)``.
+        p: the equivalent drop probability (0 <= p < 1); the noise variance is p / (1 - p).
     """
 
     def forward(self, x: Tensor) -> Tensor:
+        """``x`` times N(1, p/(1-p)) noise when stochastic, else ``x``."""
         return gaussian_dropout(x, self.p) if self.stochastic else x
 
 
-# --------------------------------------------------------------------------------------- DropConnect
-def _dropconnect(
-    x: Tensor, weight: Tensor, bias: Tensor | None, p: float, per_sample: bool
-) -> tuple[Tensor, Tensor]:
-    """Return the DropConnect output and the boolean keep mask ((out, in), or (rows, out, in) per sample)."""
-    scaled = weight * (1.0 / (1.0 - p))
+# ---------------------------------------------------------------------------------------------- DropConnect
+def _dropconnect(x: Tensor, w: Tensor, b: Tensor | None, p: float, per_sample: bool) -> tuple[Tensor, Tensor]:
+    """Return the output and the boolean keep mask: (out, in), or (rows, out, in) per sample."""
+    scaled = w * (1.0 / (1.0 - p))
     if not per_sample:
-        mask = torch.rand(weight.shape, device=weight.device, dtype=weight.dtype) > p
-        return F.linear(x, torch.where(mask, scaled, 0.0), bias), mask
+        mask = torch.rand(w.shape, device=w.device, dtype=w.dtype) > p
+        return F.linear(x, torch.where(mask, scaled, 0.0), b), mask
     rows = x.reshape(-1, x.shape[-1])
-    mask = torch.rand((rows.shape[0], *weight.shape), device=weight.device, dtype=weight.dtype) > p
+    mask = torch.rand((rows.shape[0], *w.shape), device=w.device, dtype=w.dtype) > p
     out = torch.bmm(torch.where(mask, scaled, 0.0), rows.unsqueeze(-1)).squeeze(-1)
-    if bias is not None:
-        out = out + bias
-    return out.reshape(*x.shape[:-1], weight.shape[0]), mask
+    if b is not None:
+        out = out + b
+    return out.reshape(*x.shape[:-1], w.shape[0]), mask
 
 
 def dropconnect_linear(
@@ -228,7 +237,7 @@ def dropconnect_linear(
     training: bool = True,
     per_sample: bool = False,
 ) -> Tensor:
-    """DropConnect (Wan et al. 2013): ``F.linear`` with each weight kept with prob. ``1 - p``, scaled ``1/(1-p)``.
+    """DropConnect (Wan et al. 2013): ``F.linear`` with each weight kept w.p. 1 - p and scaled by 1/(1-p).
 
     The bias is never masked. One weight mask per call, or one per row of ``x`` with ``per_sample=True``
     (memory: rows x out x in). ``training=False`` or ``p = 0`` is exactly ``F.linear``.
@@ -242,8 +251,8 @@ def dropconnect_linear(
 class DropConnectLinear(nn.Linear, StochasticModule):
     """An ``nn.Linear`` whose weights (not activations) are dropped in training; eval uses the full weights.
 
-    After each stochastic forward, ``last_mask`` holds the boolean keep mask that was used (shape (out, in), or
-    (rows, out, in) with ``per_sample``); it is ``None`` until then and not updated by deterministic forwards.
+    After each stochastic forward, ``last_mask`` holds the boolean keep mask it used ((out, in), or
+    (rows, out, in) with ``per_sample``); it is ``None`` before and untouched by deterministic forwards.
 
     Args:
         in_features: size of each input sample.
@@ -252,6 +261,8 @@ class DropConnectLinear(nn.Linear, StochasticModule):
         bias: whether to learn an additive bias (never masked).
         per_sample: draw one weight mask per row of the batch instead of one per forward.
     """
+
+    _repr_fields = ("p", "per_sample")
 
     def __init__(
         self, in_features: int, out_features: int, p: float = 0.5, bias: bool = True, per_sample: bool = False
@@ -262,33 +273,27 @@ class DropConnectLinear(nn.Linear, StochasticModule):
         self.last_mask: Tensor | None = None
 
     def forward(self, x: Tensor) -> Tensor:
+        """``x W'^T + b`` with ``W'`` the masked, rescaled weights when stochastic; ``F.linear`` otherwise."""
         if not self.stochastic:
             return F.linear(x, self.weight, self.bias)
         out, self.last_mask = _dropconnect(x, self.weight, self.bias, self.p, self.per_sample)
         return out
 
     def extra_repr(self) -> str:
-        return (
-            f"{nn.Linear.extra_repr(self)}, {StochasticModule.extra_repr(self)}, per_sample={self.per_sample}"
-        )
+        """``nn.Linear``'s fields, then ``p`` and ``per_sample``."""
+        return f"{nn.Linear.extra_repr(self)}, {StochasticModule.extra_repr(self)}"
 
 
-# --------------------------------------------------------------------------------------- stochastic activations
+# ---------------------------------------------------------------------------------------------- activations
 def stochastic_relu(x: Tensor, p: float, training: bool = True) -> Tensor:
-    """Unbiased stochastic ReLU: ``relu(x) * mask / (1 - p)`` with mask ~ Bernoulli(1 - p); eval is ``relu``."""
+    """Unbiased stochastic ReLU ``relu(x) * mask / (1 - p)``, mask ~ Bernoulli(1 - p); ``relu`` in eval."""
     return scratch_dropout(F.relu(x), check_probability(p), training)
 
 
-def _check_sigma(sigma: float) -> float:
-    if not (isinstance(sigma, numbers.Real) and math.isfinite(sigma) and sigma >= 0):
-        raise ValueError(f"sigma must be a finite number >= 0, got {sigma}")
-    return float(sigma)
-
-
 def gaussian_noise_relu(x: Tensor, sigma: float, training: bool = True) -> Tensor:
-    """``relu(x + sigma * eps)``, eps ~ N(0, 1), in training; its exact expectation otherwise.
+    """``relu(x + sigma * eps)``, eps ~ N(0, 1), in training; else its expectation x Phi(x/s) + s phi(x/s).
 
-    The expectation is ``x * Phi(x / sigma) + sigma * phi(x / sigma)``; ``sigma = 0`` is ``relu``.
+    ``sigma = 0`` is a plain ``relu`` in both modes.
     """
     sigma = _check_sigma(sigma)
     if sigma == 0:
@@ -299,57 +304,56 @@ def gaussian_noise_relu(x: Tensor, sigma: float, training: bool = True) -> Tenso
     return x * torch.special.ndtr(z) + (sigma * _INV_SQRT_2PI) * torch.exp(-0.5 * z * z)
 
 
-class StochasticReLU(_DropProbabilityModule):
-    """ReLU followed by inverted dropout, so its expectation is exactly ``relu(x)`` (the eval output).
+class StochasticReLU(_DropModule):
+    """ReLU followed by inverted dropout, so its expectation is exactly ``relu(x)`` (its eval output).
 
     Args:
         p: probability of zeroing each activation (0 <= p < 1).
     """
 
     def forward(self, x: Tensor) -> Tensor:
+        """``relu(x)`` with activations dropped and rescaled when stochastic, else ``relu(x)``."""
         return stochastic_relu(x, self.p, self.stochastic)
 
 
 class RandomizedLeakyReLU(StochasticModule):
-    """Randomized leaky ReLU (``F.rrelu``): slope ~ U(lower, upper) per negative element; eval slope is the mean.
+    """Randomized leaky ReLU (``F.rrelu``): negative slope ~ U(lower, upper) per element; eval uses the mean.
 
-    ``p`` stays 0 (no drop probability); the layer is noisy while ``upper > lower``.
+    ``p`` stays 0 (it has no drop probability); the layer is random while ``upper > lower``.
 
     Args:
         lower: lower bound of the random negative slope (0 <= lower <= upper).
         upper: upper bound of the random negative slope.
     """
 
+    _repr_fields = ("lower", "upper")
+
     def __init__(self, lower: float = 1.0 / 8.0, upper: float = 1.0 / 3.0) -> None:
         super().__init__()
-        if not all(isinstance(v, numbers.Real) and math.isfinite(v) for v in (lower, upper)):
-            raise ValueError(f"lower and upper must be finite numbers, got lower={lower}, upper={upper}")
-        if not 0 <= lower <= upper:
-            raise ValueError(
-                f"lower and upper must satisfy 0 <= lower <= upper, got lower={lower}, upper={upper}"
-            )
+        if not (_finite(lower) and _finite(upper) and 0 <= lower <= upper):
+            raise ValueError(f"need 0 <= lower <= upper (finite), got lower={lower}, upper={upper}")
         self.lower, self.upper = float(lower), float(upper)
 
     @property
     def has_noise(self) -> bool:
-        """Noisy while the slope interval is not a single point."""
+        """Random while the slope interval is more than a point."""
         return self.upper > self.lower
 
     def forward(self, x: Tensor) -> Tensor:
+        """Random slopes for x < 0 when stochastic, else the mean slope (lower + upper) / 2."""
         return F.rrelu(x, self.lower, self.upper, training=self.stochastic)
-
-    def extra_repr(self) -> str:
-        return f"lower={self.lower}, upper={self.upper}" + (", mc=True" if self.mc else "")
 
 
 class GaussianNoiseReLU(StochasticModule):
-    """ReLU of a Gaussian-perturbed input in training; its exact (smooth) expectation in eval.
+    """ReLU of a Gaussian-perturbed input in training; its exact, smooth expectation in eval.
 
-    ``p`` stays 0 (no drop probability); the layer is noisy while ``sigma > 0``.
+    ``p`` stays 0 (it has no drop probability); the layer is random while ``sigma > 0``.
 
     Args:
         sigma: standard deviation of the additive input noise (>= 0; 0 gives a plain ReLU).
     """
+
+    _repr_fields = ("sigma",)
 
     def __init__(self, sigma: float = 0.5) -> None:
         super().__init__()
@@ -357,14 +361,12 @@ class GaussianNoiseReLU(StochasticModule):
 
     @property
     def has_noise(self) -> bool:
-        """Noisy while ``sigma > 0``."""
+        """Random while ``sigma > 0``."""
         return self.sigma > 0
 
     def forward(self, x: Tensor) -> Tensor:
+        """``relu(x + sigma * eps)`` when stochastic, else its expectation."""
         return gaussian_noise_relu(x, self.sigma, self.stochastic)
-
-    def extra_repr(self) -> str:
-        return f"sigma={self.sigma}" + (", mc=True" if self.mc else "")
 
 
 def make_stochastic_activation(name: StochasticActivationName, p: float = 0.5) -> StochasticModule:
@@ -372,8 +374,8 @@ def make_stochastic_activation(name: StochasticActivationName, p: float = 0.5) -
 
     Args:
         name: ``"stochastic_relu"``, ``"rrelu"`` or ``"gaussian_relu"``.
-        p: the noise level: drop probability for ``stochastic_relu``, ``sigma`` for ``gaussian_relu``; ignored
-            by ``rrelu`` (default slopes 1/8..1/3).
+        p: the noise level: the drop probability for ``stochastic_relu``, ``sigma`` for ``gaussian_relu``;
+            ignored by ``rrelu`` (slopes U(1/8, 1/3)).
     """
     if name == "stochastic_relu":
         return StochasticReLU(p)
@@ -381,6 +383,4 @@ def make_stochastic_activation(name: StochasticActivationName, p: float = 0.5) -
         return GaussianNoiseReLU(sigma=p)
     if name == "rrelu":
         return RandomizedLeakyReLU()
-    raise ValueError(
-        f"unknown stochastic activation {name!r}; choose one of stochastic_relu, rrelu, gaussian_relu"
-    )
+    raise ValueError(f"unknown stochastic activation {name!r}; use stochastic_relu, rrelu or gaussian_relu")
