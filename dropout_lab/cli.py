@@ -71,13 +71,13 @@ class DropoutLabCLI(LightningCLI):
 
     def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> LightningArgumentParser:
         parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
-        if subcommand == "fit":
-            parser.add_argument(
-                "--test_after_fit",
-                type=bool,
-                default=True,
-                help="After fit, run `test` on the best checkpoint (the last one when there is no validation).",
-            )
+        parser.add_argument(
+            "--test_after_fit",
+            type=bool,
+            default=True,
+            help="fit only: after fit, run `test` on the best checkpoint (the last one without validation); "
+            "accepted and ignored by the other subcommands, so one config serves them all.",
+        )
         return parser
 
     def before_instantiate_classes(self) -> None:
@@ -115,7 +115,7 @@ class DropoutLabCLI(LightningCLI):
 
     def after_fit(self) -> None:
         """Test the best checkpoint (or the last weights) when ``--test_after_fit`` is true."""
-        if not self.config.fit.get("test_after_fit", True) or self.trainer.interrupted:
+        if not self.config.fit.test_after_fit or self.trainer.interrupted:
             return
         callback = self.trainer.checkpoint_callback
         ckpt = None
@@ -152,8 +152,23 @@ def condense_error(message: str) -> str:
     return message.strip().splitlines()[0] if message.strip() else "invalid arguments"
 
 
+def _model_help(args: list[str]) -> list[str]:
+    """``fit --model NAME --help`` → ``fit --model.help NAME``, which documents the model's own arguments."""
+    if not {"-h", "--help"} & set(args) or "--model" not in args:
+        return args
+    i = args.index("--model")
+    if i + 1 >= len(args) or args[i + 1].startswith("-") or args[i + 1].endswith((".yaml", ".yml", ".json")):
+        return args
+    rest = [a for j, a in enumerate(args) if j not in (i, i + 1) and a not in ("-h", "--help")]
+    return [*rest, "--model.help", args[i + 1]]
+
+
 def main(args: Any = None) -> None:
     """Run the CLI; user mistakes end with one ``error:`` line and exit code 2, not a traceback."""
+    if args is None:
+        sys.argv[1:] = _model_help(sys.argv[1:])
+    elif isinstance(args, list):
+        args = _model_help(args)
     try:
         DropoutLabCLI(args=args)
     except (DataError, ConfigError, MisconfigurationException, ArgumentError) as err:

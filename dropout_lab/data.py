@@ -60,8 +60,8 @@ class EpochPermutation:
             order = torch.arange(self.n)
         if self.world_size > 1:
             total = self.num_samples() * self.world_size
-            if total > self.n:
-                order = torch.cat([order, order[: total - self.n]])
+            if total > self.n:  # pad by repeating the order, as DistributedSampler does
+                order = order.repeat(math.ceil(total / self.n))[:total]
             order = order[self.rank :: self.world_size]
         return order
 

@@ -185,7 +185,13 @@ def find_or_install(data_dir: str | Path, download: bool = False) -> dict[str, P
         gz = _find_in(directory, gz=True)
         if gz is not None:
             _check_all(gz)
-            _unpack_into(gz, raw_dir)
+            try:
+                _unpack_into(gz, raw_dir)
+            except OSError as err:
+                raise DataError(
+                    f"data.data_dir: cannot unpack FashionMNIST into {raw_dir} ({err}); "
+                    "choose a writable --data.data_dir with free space"
+                ) from None
             return _find_in(raw_dir, gz=False)  # type: ignore[return-value]
     if download:
         _download(Path(data_dir))
