@@ -16,6 +16,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from dropout_lab.data import FashionMNISTDataModule
 from dropout_lab.idx import DataError
 from dropout_lab.models import ClassifierModule
+from dropout_lab.trainer import LabTrainer
 
 __all__ = ["ConfigError", "DropoutLabCLI", "main"]
 
@@ -47,6 +48,7 @@ class DropoutLabCLI(LightningCLI):
             model_class=ClassifierModule,
             subclass_mode_model=True,
             datamodule_class=FashionMNISTDataModule,
+            trainer_class=LabTrainer,
             seed_everything_default=0,
             save_config_kwargs={"overwrite": True},
             auto_configure_optimizers=False,
@@ -54,6 +56,11 @@ class DropoutLabCLI(LightningCLI):
             run=run,
             **kwargs,
         )
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """Lightning's fit/validate/test/predict, plus ``mc`` and ``rotated`` (MC dropout from a checkpoint)."""
+        return {**LightningCLI.subcommands(), "mc": {"model", "datamodule"}, "rotated": {"model", "datamodule"}}
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         """Default model ``DropoutMLP``; ``checkpoint.*`` configures the best (by ``val/acc``) and last checkpoints."""

@@ -53,6 +53,7 @@ class ClassifierModule(L.LightningModule):
     """
 
     net: nn.Module
+    mc_samples: int = 0
 
     def __init__(
         self,
@@ -112,9 +113,25 @@ class ClassifierModule(L.LightningModule):
         """Logs ``test/loss`` and ``test/acc`` (means over the test set)."""
         self._eval_step(batch, "test")
 
-    def predict_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        """Class probabilities (B, 10)."""
-        return self(batch[0]).softmax(dim=-1)
+    def predict_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
+        """Class probabilities (B, 10) and targets; with ``mc_samples`` > 0 also the MC-dropout summaries.
+
+        ``mc_samples`` is set by the ``mc`` subcommand; the MC passes run with every dropout-family layer
+        random even though Lightning has put the module in eval mode (see :func:`dropout_lab.uncertainty.mc_mode`).
+        """
+        x, y = batch
+        out = {"probs": self(x).softmax(dim=-1), "target": y}
+        if self.mc_samples:
+            from dropout_lab.uncertainty import mc_predict
+
+            result = mc_predict(self, x, self.mc_samples)
+            out |= {
+                "mc_probs": result.mean_probs,
+                "entropy": result.predictive_entropy,
+                "mutual_information": result.mutual_information,
+                "variance": result.variance,
+            }
+        return out
 
     def on_fit_start(self) -> None:
         """Record the optimizer's class and settings (lr, momentum, weight decay) with the run's hyperparameters."""

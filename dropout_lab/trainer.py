@@ -1,0 +1,139 @@
+"""``LabTrainer``: Lightning's ``Trainer`` plus the MC-dropout subcommands ``mc`` and ``rotated``.
+
+Both go through the Trainer's own machinery (``predict`` loads the checkpoint and picks the device) and the
+module's own forward; no second loop over training data exists.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import torch
+from jsonargparse.typing import NonNegativeInt, PositiveInt
+
+from dropout_lab.uncertainty import (
+    FASHION_MNIST_CLASSES,
+    calibration_metrics,
+    plot_reliability,
+    plot_rotated,
+    reliability_bins,
+    rotated_image_experiment,
+    rotated_table,
+)
+
+__all__ = ["LabTrainer", "markdown_table"]
+
+
+def markdown_table(rows: dict[str, dict[str, float]], digits: int = 4) -> str:
+    """A markdown table: one row per key of ``rows``, one column per metric."""
+    columns = list(next(iter(rows.values())))
+    lines = ["| | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for name, row in rows.items():
+        lines.append(f"| {name} | " + " | ".join(f"{row[c]:.{digits}f}" for c in columns) + " |")
+    return "\n".join(lines)
+
+
+class LabTrainer(L.Trainer):
+    """Lightning's ``Trainer`` with two extra subcommands for MC dropout (``mc`` and ``rotated``)."""
+
+    def _output_dir(self, output_dir: str | None, ckpt_path: str | None) -> Path:
+        if output_dir:
+            path = Path(output_dir)
+        elif ckpt_path:
+            path = Path(ckpt_path).resolve().parent.parent
+        else:
+            path = Path(self.default_root_dir)
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def mc(
+        self,
+        model: L.LightningModule,
+        datamodule: L.LightningDataModule | None = None,
+        ckpt_path: str | None = None,
+        samples: PositiveInt = 100,
+        output_dir: str | None = None,
+    ) -> dict[str, dict[str, float]]:
+        """MC-dropout predictions on the test set with uncertainty, against the deterministic net.
+
+        Writes ``mc_predictions.pt`` (per test image: deterministic and MC predictive probabilities, predictive
+        entropy, mutual information, per-class variance, target) and ``reliability.png``, and prints a table
+        of accuracy, NLL, Brier score and ECE for both.
+
+        Args:
+            model: the LightningModule (from the config).
+            datamodule: the data (from the config); the test split is used.
+            ckpt_path: checkpoint whose weights to use (e.g. ``.../checkpoints/last.ckpt``).
+            samples: MC passes T per image.
+            output_dir: where to write the files; default: the checkpoint's run folder.
+        """
+        model.mc_samples = samples  # read by ClassifierModule.predict_step
+        try:
+            batches = self.predict(model, datamodule=datamodule, ckpt_path=ckpt_path, return_predictions=True)
+        finally:
+            model.mc_samples = 0
+        assert batches is not None
+        out = {key: torch.cat([b[key] for b in batches]).cpu() for key in batches[0]}  # type: ignore[index]
+        rows = {
+            "deterministic (weight scaling)": calibration_metrics(out["probs"], out["target"]),
+            f"MC dropout, T={samples}": calibration_metrics(out["mc_probs"], out["target"]),
+        }
+        folder = self._output_dir(output_dir, ckpt_path)
+        torch.save(out, folder / "mc_predictions.pt")
+        figure = plot_reliability(
+            reliability_bins(out["probs"], out["target"]), reliability_bins(out["mc_probs"], out["target"])
+        )
+        figure.savefig(folder / "reliability.png", dpi=120)
+        print(markdown_table(rows))
+        print(
+            f"mean predictive entropy {out['entropy'].mean():.4f} nats, mean mutual information "
+            f"{out['mutual_information'].mean():.4f} nats; wrote {folder / 'mc_predictions.pt'} and "
+            f"{folder / 'reliability.png'}"
+        )
+        return rows
+
+    def rotated(
+        self,
+        model: L.LightningModule,
+        datamodule: L.LightningDataModule | None = None,
+        ckpt_path: str | None = None,
+        samples: PositiveInt = 1000,
+        target_class: NonNegativeInt = 1,
+        index: NonNegativeInt = 0,
+        output_dir: str | None = None,
+    ) -> str:
+        """The rotated-image experiment: one test image turned through 12 angles, T MC passes per angle.
+
+        Saves ``rotated.png`` (scatter of the softmax inputs and outputs of the top classes per angle) and
+        ``rotated.md`` (predictive entropy per angle), and prints the table.
+
+        Args:
+            model: the LightningModule (from the config).
+            datamodule: the data (from the config); the image comes from the test split.
+            ckpt_path: checkpoint whose weights to use.
+            samples: MC passes T per rotated image.
+            target_class: class of the image to rotate (1 = trouser).
+            index: which test image of that class (0 = the first).
+            output_dir: where to write the files; default: the checkpoint's run folder.
+        """
+        if ckpt_path:
+            state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+            model.load_state_dict(state["state_dict"])
+        assert datamodule is not None, "the rotated experiment needs the data module"
+        datamodule.setup("test")
+        images, labels = datamodule.splits["test"]  # type: ignore[attr-defined]
+        chosen = (labels == target_class).nonzero().flatten()
+        if index >= len(chosen):
+            raise ValueError(f"index: only {len(chosen)} test images of class {target_class}")
+        image = images[chosen[index]].to(torch.float32).div(255.0).unsqueeze(0)
+        mean, std = getattr(datamodule, "mean", 0.0), getattr(datamodule, "std", 1.0)
+        image = (image - mean) / std  # the loader's preprocessing
+        result = rotated_image_experiment(model.to(self.strategy.root_device), image, T=samples)
+        folder = self._output_dir(output_dir, ckpt_path)
+        plot_rotated(result).savefig(folder / "rotated.png", dpi=120)
+        table = rotated_table(result, FASHION_MNIST_CLASSES)
+        (folder / "rotated.md").write_text(table + "\n")
+        print(table)
+        print(f"wrote {folder / 'rotated.png'} and {folder / 'rotated.md'}")
+        return table
