@@ -2,17 +2,30 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import matplotlib
 
 matplotlib.use("Agg")
 
 import numpy as np
+import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-__all__ = ["History", "plot_activation_variance", "render_rgba"]
+if TYPE_CHECKING:
+    from dropout_lab.uncertainty import ReliabilityBins, RotatedResult
+
+__all__ = [
+    "History",
+    "plot_activation_variance",
+    "plot_reliability",
+    "plot_rotated",
+    "plot_summaries_vs_T",
+    "render_rgba",
+]
 
 History = Mapping[str, Sequence[tuple[int, float]]]
 """``{layer name: [(global step, value), ...]}``, as kept by ``ActivationVarianceMonitor.history``."""
@@ -78,3 +91,117 @@ def render_rgba(fig: Figure) -> np.ndarray:
     canvas = FigureCanvasAgg(fig)
     canvas.draw()
     return np.asarray(canvas.buffer_rgba()).copy()
+
+
+_LABELS = {
+    "accuracy": "accuracy",
+    "nll": "NLL (nats)",
+    "brier": "Brier score",
+    "ece": "ECE",
+    "entropy": "mean predictive entropy (nats)",
+    "mutual_information": "mean mutual information (nats)",
+}
+
+
+def plot_summaries_vs_T(
+    rows: Sequence[dict[str, float]],
+    deterministic: dict[str, float] | None = None,
+    metrics: Sequence[str] = ("accuracy", "nll", "entropy"),
+) -> Figure:
+    """One panel per metric against T (log axis), mean ± standard error over the repeats.
+
+    Args:
+        rows: the output of :func:`dropout_lab.uncertainty.summaries_vs_T`.
+        deterministic: ``calibration_metrics`` of the deterministic net, drawn as dashed lines.
+        metrics: which metrics to draw.
+    """
+    fig = Figure(figsize=(4.2 * len(metrics), 3.4), layout="constrained")
+    axes = fig.subplots(1, len(metrics), squeeze=False)[0]
+    ts = [row["T"] for row in rows]
+    for ax, name in zip(axes, metrics, strict=True):
+        means = [row[f"{name}_mean"] for row in rows]
+        ses = [0.0 if math.isnan(row[f"{name}_se"]) else row[f"{name}_se"] for row in rows]
+        ax.errorbar(ts, means, yerr=ses, marker="o", capsize=3, label="MC dropout")
+        if deterministic is not None and name in deterministic:
+            ax.axhline(deterministic[name], color="k", linestyle="--", linewidth=1, label="weight scaling")
+        ax.set_xscale("log")
+        ax.set_xlabel("T (MC passes)")
+        ax.set_ylabel(_LABELS.get(name, name))
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    return fig
+
+
+def plot_reliability(
+    det_bins: ReliabilityBins,
+    mc_bins: ReliabilityBins,
+    labels: tuple[str, str] = ("deterministic (weight scaling)", "MC dropout"),
+) -> Figure:
+    """Reliability diagrams side by side: accuracy per confidence bin against the diagonal, with the gaps.
+
+    Args:
+        det_bins: :func:`dropout_lab.uncertainty.reliability_bins` of the deterministic predictions.
+        mc_bins: :func:`dropout_lab.uncertainty.reliability_bins` of the MC predictive mean.
+        labels: panel titles.
+    """
+    fig = Figure(figsize=(9, 4.2), layout="constrained")
+    axes = fig.subplots(1, 2, sharey=True)
+    for ax, bins, label in zip(axes, (det_bins, mc_bins), labels, strict=True):
+        edges = bins.edges.numpy()
+        width, centers = edges[1:] - edges[:-1], (edges[1:] + edges[:-1]) / 2
+        acc, conf = bins.accuracy.nan_to_num(0.0).numpy(), bins.confidence.nan_to_num(0.0).numpy()
+        filled = (bins.count > 0).numpy()
+        ax.bar(centers[filled], acc[filled], width=width[filled], edgecolor="k", alpha=0.8, label="accuracy")
+        ax.bar(
+            centers[filled],
+            (conf - acc)[filled],
+            bottom=acc[filled],
+            width=width[filled],
+            fill=False,
+            edgecolor="tab:red",
+            hatch="//",
+            label="gap to confidence",
+        )
+        ax.plot([0, 1], [0, 1], "k--", linewidth=1)
+        ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", title=f"{label}\nECE {bins.ece:.4f}")
+    axes[0].set_ylabel("accuracy")
+    axes[0].legend(loc="upper left")
+    return fig
+
+
+def plot_rotated(result: RotatedResult, max_points: int = 200) -> Figure:
+    """The rotated images, then per angle a scatter of the logit samples and of the probability samples.
+
+    Args:
+        result: the output of :func:`dropout_lab.uncertainty.rotated_image_experiment`.
+        max_points: samples drawn per angle and class (a random subset when T is larger).
+    """
+    images, angles = result["images"], result["angles"]
+    n_angles, passes = len(angles), result["logits"].shape[0]
+    fig = Figure(figsize=(max(8.0, 0.75 * n_angles), 7.5), layout="constrained")
+    strip, ax_logits, ax_probs = fig.subplots(3, 1, sharex=True, height_ratios=[1, 2.5, 2.5])
+    strip.imshow(torch.cat(list(images[:, 0]), dim=1).numpy(), cmap="gray", extent=(-0.5, n_angles - 0.5, 0, 1))
+    strip.set_yticks([])
+    strip.set_aspect("auto")
+    gen = torch.Generator().manual_seed(0)
+    keep = torch.randperm(passes, generator=gen)[:max_points]
+    for j, name in enumerate(result["class_names"]):
+        xs = torch.arange(n_angles).repeat(len(keep), 1) + 0.5 * (torch.rand(len(keep), n_angles, generator=gen) - 0.5)
+        for ax, samples in ((ax_logits, result["logits"]), (ax_probs, result["probs"])):
+            ax.scatter(
+                xs.flatten(),
+                samples[keep, :, j].flatten(),
+                s=4,
+                alpha=0.25,
+                color=f"C{j}",
+                label=name if ax is ax_logits else None,
+            )
+    ax_logits.set_ylabel("softmax input (logit)")
+    ax_probs.set(ylabel="softmax output (probability)", ylim=(-0.02, 1.02), xlabel="rotation (degrees)")
+    ax_probs.set_xticks(range(n_angles), [f"{a:g}" for a in angles])
+    legend = ax_logits.legend(markerscale=3, loc="best")
+    for handle in legend.legend_handles:
+        handle.set_alpha(1.0)
+    for ax in (ax_logits, ax_probs):
+        ax.grid(alpha=0.3)
+    return fig

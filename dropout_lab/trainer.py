@@ -12,11 +12,10 @@ import lightning as L
 import torch
 from jsonargparse.typing import NonNegativeInt, PositiveInt
 
+from dropout_lab.plots import plot_reliability, plot_rotated
 from dropout_lab.uncertainty import (
     FASHION_MNIST_CLASSES,
     calibration_metrics,
-    plot_reliability,
-    plot_rotated,
     reliability_bins,
     rotated_image_experiment,
     rotated_table,

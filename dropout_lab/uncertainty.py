@@ -1,0 +1,584 @@
+"""MC dropout (Gal & Ghahramani 2016): T stochastic passes at test time, vectorized, and what to read from them.
+
+The one MC switch is :func:`mc_mode`: eval mode for the whole module (batch norm and friends deterministic) with
+``mc = True`` on every :class:`~dropout_lab.dropout.StochasticModule`, so the noise layers stay random; on exit it
+restores every submodule's train/eval mode and every layer's previous ``mc`` flag. That is what survives Lightning
+putting the model in eval mode for ``predict``/``test``: call :func:`mc_predict` from inside a step.
+
+:func:`mc_predict` repeats the batch T times and runs the copies through the net in chunks of bounded size (a
+Python loop of T forwards, :func:`mc_loop_predict`, is the reference), accumulating sums of p, p² and p·log p, so
+memory does not grow with T unless the samples are asked for. Summaries: predictive mean, predictive entropy
+H[E p], expected entropy E H[p], their difference the mutual information (BALD), per-class variance. Also here:
+calibration (accuracy, NLL, Brier, ECE, reliability bins), accuracy/NLL/entropy against T, the rotated-image
+experiment (their figures are in :mod:`dropout_lab.plots`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import TypedDict
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchmetrics.functional.classification import multiclass_calibration_error
+
+from dropout_lab.dropout import DropConnectLinear, StochasticModule, set_mc
+
+__all__ = [
+    "CPU_MAX_ROWS",
+    "DEFAULT_ANGLES",
+    "FASHION_MNIST_CLASSES",
+    "MAX_ROWS",
+    "MEMORY_BUDGET",
+    "MCResult",
+    "ReliabilityBins",
+    "RotatedResult",
+    "calibration_metrics",
+    "deterministic_predict",
+    "entropy",
+    "mc_loop_predict",
+    "mc_mode",
+    "mc_predict",
+    "reliability_bins",
+    "rotated_image_experiment",
+    "rotated_table",
+    "summaries_vs_T",
+    "summarize_logits",
+]
+
+MAX_ROWS = 65_536
+"""Most rows (input copies) one automatic-size forward of :func:`mc_predict` sees on an accelerator."""
+CPU_MAX_ROWS = 16_384
+"""The same cap on the CPU, where larger chunks only add copies and cache misses (the d2l MLP's time per row
+is flat up to ~16k rows per forward and grows beyond)."""
+MEMORY_BUDGET = 2**26
+"""Default budget, in tensor elements (x 4 bytes for float32), of the largest per-layer tensors of one forward."""
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)  # fmt: skip
+DEFAULT_ANGLES = tuple(float(a) for a in range(0, 360, 30))
+_FLUSH_ELEMENTS = 2**20  # logits buffered by the MC accumulator before one reduction
+_METRICS = ("accuracy", "nll", "brier", "ece", "entropy", "mutual_information")
+
+
+# ---------------------------------------------------------------------------------------------- the MC switch
+@contextlib.contextmanager
+def _preserved_state(module: nn.Module) -> Iterator[None]:
+    """Restore, on exit (also after an exception), each submodule's mode and each noise layer's settings."""
+    modes = [(m, m.training) for m in module.modules()]
+    flags = [(m, m.mc) for m in module.modules() if isinstance(m, StochasticModule)]
+    dropconnect = [(m, m.per_sample, m.last_mask) for m in module.modules() if isinstance(m, DropConnectLinear)]
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+        for m, mc in flags:
+            m.mc = mc
+        for m, per_sample, last_mask in dropconnect:
+            m.per_sample, m.last_mask = per_sample, last_mask
+
+
+@contextlib.contextmanager
+def mc_mode(module: nn.Module, per_sample_dropconnect: bool = False) -> Iterator[nn.Module]:
+    """Put ``module`` in eval mode with every stochastic layer random (``mc = True``); restore all on exit.
+
+    On exit, also when the body raises, every submodule gets back its own train/eval mode (mixed modes too),
+    every :class:`~dropout_lab.dropout.StochasticModule` its previous ``mc`` flag, and every
+    :class:`~dropout_lab.dropout.DropConnectLinear` its ``per_sample`` flag and ``last_mask``.
+
+    Args:
+        module: the network or LightningModule.
+        per_sample_dropconnect: also set ``per_sample = True`` on every DropConnect layer, so each row of a
+            batch gets its own weight mask (needed when one batch holds several MC passes of the same input).
+
+    Yields:
+        ``module`` itself.
+    """
+    with _preserved_state(module):
+        module.eval()
+        set_mc(module, True)
+        if per_sample_dropconnect:
+            for m in module.modules():
+                if isinstance(m, DropConnectLinear):
+                    m.per_sample = True
+        yield module
+
+
+# ---------------------------------------------------------------------------------------------- results
+@dataclass
+class MCResult:
+    """Summaries of T stochastic passes over N inputs with C classes (all in nats).
+
+    Attributes:
+        mean_probs: (N, C) predictive mean (1/T) sum_t softmax(logits_t).
+        mean_logits: (N, C) mean of the logits over the passes.
+        predictive_entropy: (N,) H[mean_probs], the total uncertainty.
+        expected_entropy: (N,) (1/T) sum_t H[p_t], the aleatoric part.
+        mutual_information: (N,) predictive − expected entropy (BALD, the epistemic part), clamped at 0.
+        variance: (N, C) variance of each class probability across the passes (divided by T).
+        T: number of passes.
+        probs: (T, N, C) the per-pass probabilities, only when samples were asked for.
+        logits: (T, N, C) the per-pass logits, only when samples were asked for.
+    """
+
+    mean_probs: Tensor
+    mean_logits: Tensor
+    predictive_entropy: Tensor
+    expected_entropy: Tensor
+    mutual_information: Tensor
+    variance: Tensor
+    T: int
+    probs: Tensor | None = None
+    logits: Tensor | None = None
+
+    @property
+    def predictions(self) -> Tensor:
+        """(N,) the class of highest predictive mean."""
+        return self.mean_probs.argmax(dim=-1)
+
+
+def entropy(probs: Tensor, dim: int = -1) -> Tensor:
+    """Shannon entropy in nats along ``dim``, with 0 log 0 = 0."""
+    return -torch.xlogy(probs, probs).sum(dim)
+
+
+def summarize_logits(logits: Tensor, return_samples: bool = False) -> MCResult:
+    """Summaries of stacked pass logits (T, N, C), computed directly from the samples (float64 inside).
+
+    Args:
+        logits: the logits of T passes over N inputs.
+        return_samples: keep ``probs`` and ``logits`` (T, N, C) in the result.
+    """
+    lp = logits.double().log_softmax(dim=-1)
+    probs = lp.exp()
+    mean_probs = probs.mean(0)
+    predictive = entropy(mean_probs)
+    expected = -(probs * lp).sum(-1).mean(0)
+    return MCResult(
+        mean_probs=mean_probs.to(logits.dtype),
+        mean_logits=logits.mean(0),
+        predictive_entropy=predictive.to(logits.dtype),
+        expected_entropy=expected.to(logits.dtype),
+        mutual_information=(predictive - expected).clamp_min(0).to(logits.dtype),
+        variance=probs.var(0, correction=0).to(logits.dtype),
+        T=logits.shape[0],
+        probs=probs.to(logits.dtype) if return_samples else None,
+        logits=logits if return_samples else None,
+    )
+
+
+class _Accumulator:
+    """Running sums, per input, of p, p², logits and per-pass entropy over blocks of (passes, inputs).
+
+    One (N, 3C + 1) float64 tensor. Blocks of logits are buffered (up to ``_FLUSH_ELEMENTS``) and reduced
+    together, so the summary costs a few kernel launches per ~1M logits, not per forward.
+    """
+
+    def __init__(self, n: int, total_passes: int | None = None) -> None:
+        self.n, self.total_passes, self.passes = n, total_passes, 0
+        self.sums: Tensor | None = None
+        self.samples: Tensor | None = None
+        self.dtype = torch.float32
+        self.buffer: dict[tuple[int, int], list[Tensor]] = {}  # (n0, rows) -> blocks (k, rows, C)
+        self.buffered = 0
+
+    def update(self, t0: int, n0: int, logits: Tensor) -> None:
+        """Add the block ``logits`` (k passes, n inputs, C) for passes ``t0:t0+k`` of inputs ``n0:n0+n``."""
+        k, rows, classes = logits.shape
+        if self.sums is None:
+            self.dtype = logits.dtype
+            self.sums = torch.zeros(self.n, 3 * classes + 1, device=logits.device, dtype=torch.float64)
+            if self.total_passes is not None:
+                self.samples = logits.new_empty((self.total_passes, self.n, classes))
+        if self.samples is not None:
+            self.samples[t0 : t0 + k, n0 : n0 + rows] = logits
+        self.buffer.setdefault((n0, rows), []).append(logits)
+        self.buffered += logits.numel()
+        if self.buffered >= _FLUSH_ELEMENTS:
+            self._flush()
+
+    def _flush(self) -> None:
+        assert self.sums is not None
+        for (n0, rows), blocks in self.buffer.items():
+            z = torch.cat(blocks) if len(blocks) > 1 else blocks[0]
+            z = z.to(torch.promote_types(z.dtype, torch.float32))
+            lp = z.log_softmax(dim=-1)
+            p = lp.exp()
+            stats = torch.cat([p, p * p, z, (p * lp).sum(-1, keepdim=True).neg_()], dim=-1)
+            self.sums[n0 : n0 + rows] += stats[0] if len(stats) == 1 else stats.sum(0)
+        self.buffer, self.buffered = {}, 0
+
+    def result(self) -> MCResult:
+        """The summaries of the ``self.passes`` passes added so far."""
+        assert self.sums is not None, "no pass was run"
+        self._flush()
+        T, classes = self.passes, (self.sums.shape[1] - 1) // 3
+        mean_probs, mean_p2, mean_logits, expected = (self.sums / T).split([classes, classes, classes, 1], dim=1)
+        predictive, expected = entropy(mean_probs), expected.squeeze(1)
+        logits = self.samples
+        return MCResult(
+            mean_probs=mean_probs.to(self.dtype),
+            mean_logits=mean_logits.to(self.dtype),
+            predictive_entropy=predictive.to(self.dtype),
+            expected_entropy=expected.to(self.dtype),
+            mutual_information=(predictive - expected).clamp_min(0).to(self.dtype),
+            variance=(mean_p2 - mean_probs.square()).clamp_min(0).to(self.dtype),
+            T=T,
+            probs=None if logits is None else logits.softmax(dim=-1),
+            logits=logits,
+        )
+
+
+# ---------------------------------------------------------------------------------------------- MC passes
+def _check_passes(T: int) -> int:
+    if isinstance(T, bool) or not isinstance(T, int) or T < 1:
+        raise ValueError(f"T (the number of MC passes) must be a positive integer, got {T!r}")
+    return T
+
+
+def _on_module_device(module: nn.Module, x: Tensor) -> Tensor:
+    param = next(module.parameters(), None)
+    return x if param is None else x.to(param.device)
+
+
+def _rows_per_forward(module: nn.Module, x: Tensor, memory_budget: int, max_rows: int | None) -> int:
+    """Rows per forward so that the largest layer's input + output (or DropConnect masks) fit the budget.
+
+    Measured with forward hooks on a one-row probe forward; a per-sample DropConnect layer counts three
+    (rows, out, in) tensors per row (uniform draws, keep mask, masked weights).
+    """
+    per_row = x[:1].numel()
+
+    def hook(m: nn.Module, inputs: tuple, output: object) -> None:
+        nonlocal per_row
+        size = sum(t.numel() for t in (*inputs, output) if isinstance(t, Tensor))
+        if isinstance(m, DropConnectLinear) and m.stochastic and m.per_sample:
+            size += 3 * m.weight.numel()
+        per_row = max(per_row, size)
+
+    leaves = [m for m in module.modules() if next(m.children(), None) is None]
+    handles = [m.register_forward_hook(hook) for m in leaves]
+    try:
+        module(x[:1])
+    finally:
+        for handle in handles:
+            handle.remove()
+    if max_rows is None:
+        max_rows = CPU_MAX_ROWS if x.device.type == "cpu" else MAX_ROWS
+    return max(1, min(max_rows, memory_budget // per_row))
+
+
+def _run_passes(module: nn.Module, x: Tensor, passes: int, rows: int, acc: _Accumulator) -> None:
+    """Run ``passes`` more passes of all of ``x`` through ``module``, ``rows`` input copies per forward."""
+    n, t_end = x.shape[0], acc.passes + passes
+    if rows >= n:  # whole passes per forward: the batch repeated k times
+        per_forward = rows // n
+        for t0 in range(acc.passes, t_end, per_forward):
+            k = min(per_forward, t_end - t0)
+            batch = x if k == 1 else x.repeat(k, *([1] * (x.dim() - 1)))
+            acc.update(t0, 0, module(batch).reshape(k, n, -1))
+    else:  # more inputs than rows: slices of one pass per forward
+        for t in range(acc.passes, t_end):
+            for n0 in range(0, n, rows):
+                acc.update(t, n0, module(x[n0 : n0 + rows]).unsqueeze(0))
+    acc.passes = t_end
+
+
+def mc_predict(
+    module: nn.Module,
+    x: Tensor,
+    T: int,
+    chunk_size: int | None = None,
+    return_samples: bool = False,
+    *,
+    max_rows: int | None = None,
+    memory_budget: int = MEMORY_BUDGET,
+) -> MCResult:
+    """T stochastic passes over ``x`` in few, large forwards: the batch repeated, each copy its own noise.
+
+    The T·N rows (pass-major) go through the net ``chunk_size`` rows at a time under ``torch.no_grad()`` and
+    :func:`mc_mode`; DropConnect layers switch to one weight mask per row meanwhile, so no two passes share
+    a mask. Summaries are accumulated chunk by chunk: without ``return_samples`` memory is one chunk's
+    activations, O(N·C) sums and at most ~1M buffered logits, whatever T. Modes and flags are restored afterwards.
+
+    Args:
+        module: a network or LightningModule mapping (B, ...) inputs to (B, C) logits.
+        x: inputs (N, ...), moved to the module's device.
+        T: number of stochastic passes.
+        chunk_size: rows (input copies) per forward; None = automatic: ``max_rows``, lowered so that the
+            largest layer tensors of one forward (measured on a one-row probe) stay within ``memory_budget``.
+        return_samples: also return the per-pass ``probs`` and ``logits`` (T, N, C).
+        max_rows: cap of the automatic chunk size; None = 65 536 rows (:data:`MAX_ROWS`) on an accelerator,
+            16 384 (:data:`CPU_MAX_ROWS`) on the CPU.
+        memory_budget: elements (float32: 4 bytes each) allowed per layer tensor of one forward in the
+            automatic chunk size; DropConnect masks count rows × out × in (default 2**26, 256 MiB).
+
+    Returns:
+        The summaries, on the module's device.
+    """
+    T = _check_passes(T)
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive number of rows (or None for automatic), got {chunk_size}")
+    x = _on_module_device(module, x)
+    with torch.no_grad(), mc_mode(module, per_sample_dropconnect=True):
+        rows = chunk_size or _rows_per_forward(module, x, memory_budget, max_rows)
+        acc = _Accumulator(x.shape[0], T if return_samples else None)
+        _run_passes(module, x, T, rows, acc)
+        return acc.result()
+
+
+def mc_loop_predict(module: nn.Module, x: Tensor, T: int, return_samples: bool = False) -> MCResult:
+    """The reference: a Python loop of T forwards of the whole of ``x`` under :func:`mc_mode`.
+
+    DropConnect keeps its own setting (usually one weight mask per forward = per pass, shared by the inputs of
+    that pass; the per-input statistics are the same as with per-row masks).
+
+    Args:
+        module: a network or LightningModule mapping (B, ...) inputs to (B, C) logits.
+        x: inputs (N, ...), moved to the module's device.
+        T: number of stochastic passes.
+        return_samples: also return the per-pass ``probs`` and ``logits`` (T, N, C).
+    """
+    T = _check_passes(T)
+    x = _on_module_device(module, x)
+    with torch.no_grad(), mc_mode(module):
+        logits = torch.stack([module(x) for _ in range(T)])
+    return summarize_logits(logits, return_samples)
+
+
+def deterministic_predict(module: nn.Module, x: Tensor, chunk_size: int | None = None) -> Tensor:
+    """Class probabilities (N, C) of the deterministic net: eval mode, ``mc`` off (weight scaling).
+
+    Inverted dropout needs no rescaling at test time, so this is the standard inference of a dropout net.
+    Modes and flags are restored afterwards.
+
+    Args:
+        module: a network or LightningModule mapping (B, ...) inputs to (B, C) logits.
+        x: inputs (N, ...), moved to the module's device.
+        chunk_size: rows per forward; None = as in :func:`mc_predict`.
+    """
+    x = _on_module_device(module, x)
+    with torch.no_grad(), _preserved_state(module):
+        module.eval()
+        set_mc(module, False)
+        rows = chunk_size or _rows_per_forward(module, x, MEMORY_BUDGET, None)
+        return torch.cat([module(chunk).softmax(dim=-1) for chunk in x.split(rows)])
+
+
+# ---------------------------------------------------------------------------------------------- calibration
+def calibration_metrics(probs: Tensor, targets: Tensor, n_bins: int = 15) -> dict[str, float]:
+    """Accuracy, NLL, Brier score, ECE, mean confidence and mean entropy of predicted probabilities.
+
+    Args:
+        probs: (N, C) class probabilities (rows summing to 1).
+        targets: (N,) true classes.
+        n_bins: equal-width confidence bins of the ECE (torchmetrics, L1 norm).
+
+    Returns:
+        ``accuracy``; ``nll`` = mean −log p(target) (p clamped at 1e-12); ``brier`` = mean Σ_c (p_c − 1[c=y])²
+        (0 to 2); ``ece``; ``confidence`` = mean max p; ``entropy`` = mean predictive entropy (nats).
+    """
+    probs = probs.detach().to(torch.float64).clamp(0.0, 1.0)
+    targets = targets.to(probs.device).long()
+    confidence, predicted = probs.max(dim=-1)
+    onehot = F.one_hot(targets, probs.shape[-1]).to(probs.dtype)
+    ece = multiclass_calibration_error(probs, targets, num_classes=probs.shape[-1], n_bins=n_bins, norm="l1")
+    return {
+        "accuracy": (predicted == targets).double().mean().item(),
+        "nll": -probs.gather(1, targets[:, None]).clamp_min(1e-12).log().mean().item(),
+        "brier": (probs - onehot).square().sum(-1).mean().item(),
+        "ece": ece.item(),
+        "confidence": confidence.mean().item(),
+        "entropy": entropy(probs).mean().item(),
+    }
+
+
+@dataclass
+class ReliabilityBins:
+    """Equal-width confidence bins for a reliability diagram.
+
+    Attributes:
+        edges: (n_bins + 1,) bin edges from 0 to 1; bin i holds confidences in [edges[i], edges[i+1]),
+            the last bin also confidence 1.
+        confidence: (n_bins,) mean confidence in each bin (NaN where empty).
+        accuracy: (n_bins,) fraction of correct predictions in each bin (NaN where empty).
+        count: (n_bins,) predictions in each bin.
+    """
+
+    edges: Tensor
+    confidence: Tensor
+    accuracy: Tensor
+    count: Tensor
+
+    @property
+    def ece(self) -> float:
+        """Expected calibration error of these bins: Σ (count / N) |accuracy − confidence|."""
+        gap = (self.accuracy - self.confidence).abs().nan_to_num(0.0)
+        return float((gap * self.count).sum() / self.count.sum().clamp_min(1))
+
+
+def reliability_bins(probs: Tensor, targets: Tensor, n_bins: int = 15) -> ReliabilityBins:
+    """Per-bin mean confidence, accuracy and count of the top-class predictions (tensors on the CPU).
+
+    Args:
+        probs: (N, C) class probabilities.
+        targets: (N,) true classes.
+        n_bins: number of equal-width confidence bins over [0, 1].
+    """
+    probs, targets = probs.detach().cpu(), targets.detach().cpu().long()
+    confidence, predicted = probs.max(dim=-1)
+    edges = torch.linspace(0, 1, n_bins + 1, dtype=confidence.dtype)  # binned as torchmetrics does
+    index = (torch.bucketize(confidence, edges, right=True) - 1).clamp(0, n_bins - 1)
+    confidence = confidence.to(torch.float64)
+    count = torch.bincount(index, minlength=n_bins).to(torch.float64)
+    conf_sum = torch.bincount(index, weights=confidence, minlength=n_bins)
+    correct = torch.bincount(index, weights=(predicted == targets).double(), minlength=n_bins)
+    empty = count == 0
+    nan = torch.tensor(math.nan, dtype=torch.float64)
+    return ReliabilityBins(
+        edges=edges.to(torch.float64),
+        confidence=torch.where(empty, nan, conf_sum / count.clamp_min(1)),
+        accuracy=torch.where(empty, nan, correct / count.clamp_min(1)),
+        count=count.long(),
+    )
+
+
+# ---------------------------------------------------------------------------------------------- choosing T
+def summaries_vs_T(
+    module: nn.Module,
+    x: Tensor,
+    targets: Tensor,
+    Ts: Sequence[int] = (1, 2, 5, 10, 20, 50, 100),
+    repeats: int = 5,
+    chunk_size: int | None = None,
+) -> list[dict[str, float]]:
+    """Accuracy, NLL, Brier, ECE, mean predictive entropy and mean MI of MC dropout against T.
+
+    Each repeat is an independent MC run whose summaries are read after its first T passes, for each T in
+    ``Ts`` (one run of max(Ts) passes, so the curve of one repeat is a running estimate). The mean and the
+    standard error over the repeats show where more passes stop paying.
+
+    Args:
+        module: a network or LightningModule mapping (B, ...) inputs to (B, C) logits.
+        x: inputs (N, ...).
+        targets: (N,) true classes.
+        Ts: numbers of passes to report.
+        repeats: independent MC runs (the standard error is NaN with one).
+        chunk_size: rows per forward; None = as in :func:`mc_predict`.
+
+    Returns:
+        One row per T (ascending): ``T``, then ``<metric>_mean`` and ``<metric>_se`` for each of accuracy,
+        nll, brier, ece, entropy (mean predictive entropy) and mutual_information.
+    """
+    Ts = sorted({_check_passes(int(t)) for t in Ts})
+    x = _on_module_device(module, x)
+    runs: dict[int, list[dict[str, float]]] = {t: [] for t in Ts}
+    with torch.no_grad(), mc_mode(module, per_sample_dropconnect=True):
+        rows = chunk_size or _rows_per_forward(module, x, MEMORY_BUDGET, None)
+        for _ in range(repeats):
+            acc = _Accumulator(x.shape[0])
+            for t in Ts:
+                _run_passes(module, x, t - acc.passes, rows, acc)
+                result = acc.result()
+                metrics = calibration_metrics(result.mean_probs, targets)
+                metrics["mutual_information"] = result.mutual_information.double().mean().item()
+                runs[t].append(metrics)
+    table = []
+    for t in Ts:
+        row: dict[str, float] = {"T": t}
+        for name in _METRICS:
+            values = torch.tensor([r[name] for r in runs[t]], dtype=torch.float64)
+            row[f"{name}_mean"] = values.mean().item()
+            row[f"{name}_se"] = (values.std() / math.sqrt(len(values))).item() if len(values) > 1 else math.nan
+        table.append(row)
+    return table
+
+
+# ---------------------------------------------------------------------------------------------- rotated image
+class RotatedResult(TypedDict):
+    """What :func:`rotated_image_experiment` returns (A angles, T passes, K top classes, C classes)."""
+
+    angles: list[float]
+    images: Tensor  # (A, 1, H, W) the rotated images, on the CPU
+    classes: list[int]  # the K classes shown (highest predictive mean at any angle, best first)
+    class_names: list[str]
+    logits: Tensor  # (T, A, K) softmax-input samples of those classes
+    probs: Tensor  # (T, A, K) softmax-output samples of those classes
+    mean_probs: Tensor  # (A, C)
+    predictive_entropy: Tensor  # (A,)
+    mutual_information: Tensor  # (A,)
+
+
+def rotated_image_experiment(
+    module: nn.Module,
+    image: Tensor,
+    angles: Sequence[float] = DEFAULT_ANGLES,
+    T: int = 1000,
+    top_k: int = 3,
+    fill: float | None = None,
+    class_names: Sequence[str] = FASHION_MNIST_CLASSES,
+) -> RotatedResult:
+    """Rotate one image through ``angles`` and run T MC passes of all rotations in one vectorized call.
+
+    As in Gal & Ghahramani's rotated-digit figure: as the image leaves the training distribution, the
+    logits and probabilities of the top classes spread and the predictive entropy rises.
+
+    Args:
+        module: a network or LightningModule mapping (B, 1, H, W) images to (B, C) logits.
+        image: one image (1, H, W) or (H, W), float, preprocessed as the net was trained.
+        angles: rotation angles in degrees, counter-clockwise (default 0, 30, ..., 330).
+        T: MC passes per rotated image.
+        top_k: number of classes whose samples are kept.
+        fill: value of the pixels uncovered by the rotation; None = the image's minimum (its background).
+        class_names: names of the C classes (indices are used for classes past its end).
+    """
+    from torchvision.transforms.functional import InterpolationMode, rotate
+
+    image = image.detach().float().cpu()
+    image = image.unsqueeze(0) if image.dim() == 2 else image
+    fill = float(image.min()) if fill is None else float(fill)
+    images = torch.stack(
+        [rotate(image, float(a), interpolation=InterpolationMode.BILINEAR, fill=[fill]) for a in angles]
+    )
+    result = mc_predict(module, images, T, return_samples=True)
+    k = min(top_k, result.mean_probs.shape[-1])
+    classes = result.mean_probs.max(dim=0).values.topk(k).indices
+    assert result.logits is not None and result.probs is not None
+    return RotatedResult(
+        angles=[float(a) for a in angles],
+        images=images,
+        classes=classes.tolist(),
+        class_names=[class_names[c] if c < len(class_names) else str(c) for c in classes.tolist()],
+        logits=result.logits[..., classes].cpu(),
+        probs=result.probs[..., classes].cpu(),
+        mean_probs=result.mean_probs.cpu(),
+        predictive_entropy=result.predictive_entropy.cpu(),
+        mutual_information=result.mutual_information.cpu(),
+    )
+
+
+def rotated_table(result: RotatedResult, class_names: Sequence[str] = FASHION_MNIST_CLASSES) -> str:
+    """A markdown table: per angle, the predicted class, its probability, predictive entropy and MI (nats).
+
+    Args:
+        result: the output of :func:`rotated_image_experiment`.
+        class_names: names of the classes (indices are used for classes past its end).
+    """
+    lines = [
+        "| angle (°) | prediction | p(prediction) | predictive entropy | mutual information |",
+        "|---:|---|---:|---:|---:|",
+    ]
+    confidence, predicted = result["mean_probs"].max(dim=-1)
+    for i, angle in enumerate(result["angles"]):
+        c = int(predicted[i])
+        name = class_names[c] if c < len(class_names) else str(c)
+        lines.append(
+            f"| {angle:g} | {name} | {confidence[i]:.3f} | {result['predictive_entropy'][i]:.3f} "
+            f"| {result['mutual_information'][i]:.3f} |"
+        )
+    return "\n".join(lines) + "\n"
