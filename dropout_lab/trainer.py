@@ -12,13 +12,14 @@ import lightning as L
 import torch
 from jsonargparse.typing import NonNegativeInt, PositiveInt
 
-from dropout_lab.plots import plot_reliability, plot_rotated
+from dropout_lab.plots import plot_reliability, plot_rotated, plot_summaries_vs_T
 from dropout_lab.uncertainty import (
     FASHION_MNIST_CLASSES,
     calibration_metrics,
     reliability_bins,
     rotated_image_experiment,
     rotated_table,
+    summaries_vs_T,
 )
 
 __all__ = ["LabTrainer", "markdown_table"]
@@ -53,6 +54,7 @@ class LabTrainer(L.Trainer):
         ckpt_path: str | None = None,
         samples: PositiveInt = 100,
         output_dir: str | None = None,
+        curve_repeats: NonNegativeInt = 0,
     ) -> dict[str, dict[str, float]]:
         """MC-dropout predictions on the test set with uncertainty, against the deterministic net.
 
@@ -66,6 +68,8 @@ class LabTrainer(L.Trainer):
             ckpt_path: checkpoint whose weights to use (e.g. ``.../checkpoints/last.ckpt``).
             samples: MC passes T per image.
             output_dir: where to write the files; default: the checkpoint's run folder.
+            curve_repeats: with n > 0, also draw accuracy, NLL and mean entropy against T (1 … ``samples``),
+                mean ± standard error over n independent MC runs, to ``mc_vs_T.png`` and ``mc_vs_T.md``.
         """
         model.mc_samples = samples  # read by ClassifierModule.predict_step
         try:
@@ -84,6 +88,8 @@ class LabTrainer(L.Trainer):
             reliability_bins(out["probs"], out["target"]), reliability_bins(out["mc_probs"], out["target"])
         )
         figure.savefig(folder / "reliability.png", dpi=120)
+        if curve_repeats:
+            self._t_curve(model, datamodule, samples, curve_repeats, rows, folder)
         print(markdown_table(rows))
         print(
             f"mean predictive entropy {out['entropy'].mean():.4f} nats, mean mutual information "
@@ -91,6 +97,30 @@ class LabTrainer(L.Trainer):
             f"{folder / 'reliability.png'}"
         )
         return rows
+
+    def _t_curve(
+        self,
+        model: L.LightningModule,
+        datamodule: L.LightningDataModule | None,
+        samples: int,
+        repeats: int,
+        rows: dict[str, dict[str, float]],
+        folder: Path,
+    ) -> None:
+        """Summaries against T on the test split (the weights loaded by the preceding ``predict``)."""
+        assert datamodule is not None
+        images, labels = [], []
+        for x, y in datamodule.test_dataloader():
+            images.append(x)
+            labels.append(y)
+        x, y = torch.cat(images), torch.cat(labels)
+        ts = sorted({t for t in (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000) if t <= samples} | {samples})
+        curve = summaries_vs_T(model, x, y, Ts=ts, repeats=repeats)
+        deterministic = next(iter(rows.values()))
+        plot_summaries_vs_T(curve, deterministic).savefig(folder / "mc_vs_T.png", dpi=120)
+        table = {f"T={int(r['T'])}": {k: r[k] for k in r if k != "T"} for r in curve}
+        (folder / "mc_vs_T.md").write_text(markdown_table(table) + "\n")
+        print(markdown_table(table))
 
     def rotated(
         self,

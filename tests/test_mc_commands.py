@@ -41,6 +41,7 @@ def checkpoint(gz_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
 def test_mc_subcommand(checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out_dir = tmp_path / "mc"
     args = ["mc", *_common(tmp_path), "--ckpt_path", str(checkpoint), "--samples", "8", "--output_dir", str(out_dir)]
+    args += ["--curve_repeats", "2"]
     cli = DropoutLabCLI(args=args)
     printed = capsys.readouterr().out
     assert "MC dropout, T=8" in printed and "deterministic (weight scaling)" in printed
@@ -51,6 +52,9 @@ def test_mc_subcommand(checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureF
     assert (saved["mutual_information"] >= 0).all()
     assert (saved["mutual_information"] <= saved["entropy"] + 1e-6).all()
     assert (out_dir / "reliability.png").stat().st_size > 0
+    assert (out_dir / "mc_vs_T.png").stat().st_size > 0
+    curve = (out_dir / "mc_vs_T.md").read_text()
+    assert "T=1 " in curve and "T=8 " in curve and "accuracy_se" in curve
     assert cli.model.mc_samples == 0  # switched off again after the command
 
 
