@@ -16,7 +16,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 if TYPE_CHECKING:
-    from dropout_lab.uncertainty import ReliabilityBins, RotatedResult
+    from dropout_lab.calibration import ReliabilityBins
+    from dropout_lab.rotated import RotatedResult
 
 __all__ = [
     "History",
@@ -140,8 +141,8 @@ def plot_reliability(
     """Reliability diagrams side by side: accuracy per confidence bin against the diagonal, with the gaps.
 
     Args:
-        det_bins: :func:`dropout_lab.uncertainty.reliability_bins` of the deterministic predictions.
-        mc_bins: :func:`dropout_lab.uncertainty.reliability_bins` of the MC predictive mean.
+        det_bins: :func:`dropout_lab.calibration.reliability_bins` of the deterministic predictions.
+        mc_bins: :func:`dropout_lab.calibration.reliability_bins` of the MC predictive mean.
         labels: panel titles.
     """
     fig = Figure(figsize=(9, 4.2), layout="constrained")
@@ -173,7 +174,7 @@ def plot_rotated(result: RotatedResult, max_points: int = 200) -> Figure:
     """The rotated images, then per angle a scatter of the logit samples and of the probability samples.
 
     Args:
-        result: the output of :func:`dropout_lab.uncertainty.rotated_image_experiment`.
+        result: the output of :func:`dropout_lab.rotated.rotated_image_experiment`.
         max_points: samples drawn per angle and class (a random subset when T is larger).
     """
     images, angles = result["images"], result["angles"]

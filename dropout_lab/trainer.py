@@ -12,15 +12,10 @@ import lightning as L
 import torch
 from jsonargparse.typing import NonNegativeInt, PositiveInt
 
+from dropout_lab.calibration import calibration_metrics, reliability_bins
 from dropout_lab.plots import plot_reliability, plot_rotated, plot_summaries_vs_T
-from dropout_lab.uncertainty import (
-    FASHION_MNIST_CLASSES,
-    calibration_metrics,
-    reliability_bins,
-    rotated_image_experiment,
-    rotated_table,
-    summaries_vs_T,
-)
+from dropout_lab.rotated import FASHION_MNIST_CLASSES, rotated_image_experiment, rotated_table
+from dropout_lab.uncertainty import summaries_vs_T
 
 __all__ = ["LabTrainer", "markdown_table"]
 

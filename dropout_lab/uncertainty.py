@@ -19,33 +19,23 @@ import contextlib
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import TypedDict
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
-from torchmetrics.functional.classification import multiclass_calibration_error
 
+from dropout_lab.calibration import calibration_metrics, entropy
 from dropout_lab.dropout import DropConnectLinear, StochasticModule, set_mc
 
 __all__ = [
     "CPU_MAX_ROWS",
-    "DEFAULT_ANGLES",
-    "FASHION_MNIST_CLASSES",
     "MAX_ROWS",
     "MEMORY_BUDGET",
     "MCResult",
-    "ReliabilityBins",
-    "RotatedResult",
-    "calibration_metrics",
     "deterministic_predict",
     "entropy",
     "mc_loop_predict",
     "mc_mode",
     "mc_predict",
-    "reliability_bins",
-    "rotated_image_experiment",
-    "rotated_table",
     "summaries_vs_T",
     "summarize_logits",
 ]
@@ -57,10 +47,6 @@ CPU_MAX_ROWS = 16_384
 is flat up to ~16k rows per forward and grows beyond)."""
 MEMORY_BUDGET = 2**26
 """Default budget, in tensor elements (x 4 bytes for float32), of the largest per-layer tensors of one forward."""
-FASHION_MNIST_CLASSES = (
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
-)  # fmt: skip
-DEFAULT_ANGLES = tuple(float(a) for a in range(0, 360, 30))
 _FLUSH_ELEMENTS = 2**20  # logits buffered by the MC accumulator before one reduction
 _METRICS = ("accuracy", "nll", "brier", "ece", "entropy", "mutual_information")
 
@@ -140,11 +126,6 @@ class MCResult:
     def predictions(self) -> Tensor:
         """(N,) the class of highest predictive mean."""
         return self.mean_probs.argmax(dim=-1)
-
-
-def entropy(probs: Tensor, dim: int = -1) -> Tensor:
-    """Shannon entropy in nats along ``dim``, with 0 log 0 = 0."""
-    return -torch.xlogy(probs, probs).sum(dim)
 
 
 def summarize_logits(logits: Tensor, return_samples: bool = False) -> MCResult:
@@ -370,84 +351,6 @@ def deterministic_predict(module: nn.Module, x: Tensor, chunk_size: int | None =
         return torch.cat([module(chunk).softmax(dim=-1) for chunk in x.split(rows)])
 
 
-# ---------------------------------------------------------------------------------------------- calibration
-def calibration_metrics(probs: Tensor, targets: Tensor, n_bins: int = 15) -> dict[str, float]:
-    """Accuracy, NLL, Brier score, ECE, mean confidence and mean entropy of predicted probabilities.
-
-    Args:
-        probs: (N, C) class probabilities (rows summing to 1).
-        targets: (N,) true classes.
-        n_bins: equal-width confidence bins of the ECE (torchmetrics, L1 norm).
-
-    Returns:
-        ``accuracy``; ``nll`` = mean −log p(target) (p clamped at 1e-12); ``brier`` = mean Σ_c (p_c − 1[c=y])²
-        (0 to 2); ``ece``; ``confidence`` = mean max p; ``entropy`` = mean predictive entropy (nats).
-    """
-    probs = probs.detach().to(torch.float64).clamp(0.0, 1.0)
-    targets = targets.to(probs.device).long()
-    confidence, predicted = probs.max(dim=-1)
-    onehot = F.one_hot(targets, probs.shape[-1]).to(probs.dtype)
-    ece = multiclass_calibration_error(probs, targets, num_classes=probs.shape[-1], n_bins=n_bins, norm="l1")
-    return {
-        "accuracy": (predicted == targets).double().mean().item(),
-        "nll": -probs.gather(1, targets[:, None]).clamp_min(1e-12).log().mean().item(),
-        "brier": (probs - onehot).square().sum(-1).mean().item(),
-        "ece": ece.item(),
-        "confidence": confidence.mean().item(),
-        "entropy": entropy(probs).mean().item(),
-    }
-
-
-@dataclass
-class ReliabilityBins:
-    """Equal-width confidence bins for a reliability diagram.
-
-    Attributes:
-        edges: (n_bins + 1,) bin edges from 0 to 1; bin i holds confidences in [edges[i], edges[i+1]),
-            the last bin also confidence 1.
-        confidence: (n_bins,) mean confidence in each bin (NaN where empty).
-        accuracy: (n_bins,) fraction of correct predictions in each bin (NaN where empty).
-        count: (n_bins,) predictions in each bin.
-    """
-
-    edges: Tensor
-    confidence: Tensor
-    accuracy: Tensor
-    count: Tensor
-
-    @property
-    def ece(self) -> float:
-        """Expected calibration error of these bins: Σ (count / N) |accuracy − confidence|."""
-        gap = (self.accuracy - self.confidence).abs().nan_to_num(0.0)
-        return float((gap * self.count).sum() / self.count.sum().clamp_min(1))
-
-
-def reliability_bins(probs: Tensor, targets: Tensor, n_bins: int = 15) -> ReliabilityBins:
-    """Per-bin mean confidence, accuracy and count of the top-class predictions (tensors on the CPU).
-
-    Args:
-        probs: (N, C) class probabilities.
-        targets: (N,) true classes.
-        n_bins: number of equal-width confidence bins over [0, 1].
-    """
-    probs, targets = probs.detach().cpu(), targets.detach().cpu().long()
-    confidence, predicted = probs.max(dim=-1)
-    edges = torch.linspace(0, 1, n_bins + 1, dtype=confidence.dtype)  # binned as torchmetrics does
-    index = (torch.bucketize(confidence, edges, right=True) - 1).clamp(0, n_bins - 1)
-    confidence = confidence.to(torch.float64)
-    count = torch.bincount(index, minlength=n_bins).to(torch.float64)
-    conf_sum = torch.bincount(index, weights=confidence, minlength=n_bins)
-    correct = torch.bincount(index, weights=(predicted == targets).double(), minlength=n_bins)
-    empty = count == 0
-    nan = torch.tensor(math.nan, dtype=torch.float64)
-    return ReliabilityBins(
-        edges=edges.to(torch.float64),
-        confidence=torch.where(empty, nan, conf_sum / count.clamp_min(1)),
-        accuracy=torch.where(empty, nan, correct / count.clamp_min(1)),
-        count=count.long(),
-    )
-
-
 # ---------------------------------------------------------------------------------------------- choosing T
 def summaries_vs_T(
     module: nn.Module,
@@ -497,88 +400,3 @@ def summaries_vs_T(
             row[f"{name}_se"] = (values.std() / math.sqrt(len(values))).item() if len(values) > 1 else math.nan
         table.append(row)
     return table
-
-
-# ---------------------------------------------------------------------------------------------- rotated image
-class RotatedResult(TypedDict):
-    """What :func:`rotated_image_experiment` returns (A angles, T passes, K top classes, C classes)."""
-
-    angles: list[float]
-    images: Tensor  # (A, 1, H, W) the rotated images, on the CPU
-    classes: list[int]  # the K classes shown (highest predictive mean at any angle, best first)
-    class_names: list[str]
-    logits: Tensor  # (T, A, K) softmax-input samples of those classes
-    probs: Tensor  # (T, A, K) softmax-output samples of those classes
-    mean_probs: Tensor  # (A, C)
-    predictive_entropy: Tensor  # (A,)
-    mutual_information: Tensor  # (A,)
-
-
-def rotated_image_experiment(
-    module: nn.Module,
-    image: Tensor,
-    angles: Sequence[float] = DEFAULT_ANGLES,
-    T: int = 1000,
-    top_k: int = 3,
-    fill: float | None = None,
-    class_names: Sequence[str] = FASHION_MNIST_CLASSES,
-) -> RotatedResult:
-    """Rotate one image through ``angles`` and run T MC passes of all rotations in one vectorized call.
-
-    As in Gal & Ghahramani's rotated-digit figure: as the image leaves the training distribution, the
-    logits and probabilities of the top classes spread and the predictive entropy rises.
-
-    Args:
-        module: a network or LightningModule mapping (B, 1, H, W) images to (B, C) logits.
-        image: one image (1, H, W) or (H, W), float, preprocessed as the net was trained.
-        angles: rotation angles in degrees, counter-clockwise (default 0, 30, ..., 330).
-        T: MC passes per rotated image.
-        top_k: number of classes whose samples are kept.
-        fill: value of the pixels uncovered by the rotation; None = the image's minimum (its background).
-        class_names: names of the C classes (indices are used for classes past its end).
-    """
-    from torchvision.transforms.functional import InterpolationMode, rotate
-
-    image = image.detach().float().cpu()
-    image = image.unsqueeze(0) if image.dim() == 2 else image
-    fill = float(image.min()) if fill is None else float(fill)
-    images = torch.stack(
-        [rotate(image, float(a), interpolation=InterpolationMode.BILINEAR, fill=[fill]) for a in angles]
-    )
-    result = mc_predict(module, images, T, return_samples=True)
-    k = min(top_k, result.mean_probs.shape[-1])
-    classes = result.mean_probs.max(dim=0).values.topk(k).indices
-    assert result.logits is not None and result.probs is not None
-    return RotatedResult(
-        angles=[float(a) for a in angles],
-        images=images,
-        classes=classes.tolist(),
-        class_names=[class_names[c] if c < len(class_names) else str(c) for c in classes.tolist()],
-        logits=result.logits[..., classes].cpu(),
-        probs=result.probs[..., classes].cpu(),
-        mean_probs=result.mean_probs.cpu(),
-        predictive_entropy=result.predictive_entropy.cpu(),
-        mutual_information=result.mutual_information.cpu(),
-    )
-
-
-def rotated_table(result: RotatedResult, class_names: Sequence[str] = FASHION_MNIST_CLASSES) -> str:
-    """A markdown table: per angle, the predicted class, its probability, predictive entropy and MI (nats).
-
-    Args:
-        result: the output of :func:`rotated_image_experiment`.
-        class_names: names of the classes (indices are used for classes past its end).
-    """
-    lines = [
-        "| angle (°) | prediction | p(prediction) | predictive entropy | mutual information |",
-        "|---:|---|---:|---:|---:|",
-    ]
-    confidence, predicted = result["mean_probs"].max(dim=-1)
-    for i, angle in enumerate(result["angles"]):
-        c = int(predicted[i])
-        name = class_names[c] if c < len(class_names) else str(c)
-        lines.append(
-            f"| {angle:g} | {name} | {confidence[i]:.3f} | {result['predictive_entropy'][i]:.3f} "
-            f"| {result['mutual_information'][i]:.3f} |"
-        )
-    return "\n".join(lines) + "\n"

@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics.functional.classification import multiclass_calibration_error
 
 from dropout_lab import uncertainty
+from dropout_lab.calibration import calibration_metrics, reliability_bins
 from dropout_lab.dropout import DropConnectLinear, StochasticModule, stochastic_modules
 from dropout_lab.models import (
     DropConnectMLP,
@@ -24,16 +25,13 @@ from dropout_lab.models import (
     StochasticActivationMLP,
 )
 from dropout_lab.plots import plot_reliability, plot_rotated, plot_summaries_vs_T
+from dropout_lab.rotated import rotated_image_experiment, rotated_table
 from dropout_lab.uncertainty import (
     MCResult,
-    calibration_metrics,
     deterministic_predict,
     mc_loop_predict,
     mc_mode,
     mc_predict,
-    reliability_bins,
-    rotated_image_experiment,
-    rotated_table,
     summaries_vs_T,
     summarize_logits,
 )
