@@ -1,28 +1,27 @@
-"""LightningModules: one :class:`ClassifierModule` base that owns the loop, thin subclasses that build nets."""
+"""The LightningModules: thin subclasses of :class:`~dropout_lab.classifier.ClassifierModule` that build nets."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
 
-import lightning as L
-import torch
 from jsonargparse.typing import NonNegativeFloat, PositiveFloat, PositiveInt
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
-from torchmetrics.classification import MulticlassAccuracy
 
+from dropout_lab.activations import (
+    GaussianNoiseReLU,
+    RandomizedLeakyReLU,
+    StochasticActivationName,
+    StochasticReLU,
+)
+from dropout_lab.classifier import ClassifierModule, default_sgd
 from dropout_lab.dropout import (
     DropConnectLinear,
     Dropout,
     GaussianDropout,
-    GaussianNoiseReLU,
-    RandomizedLeakyReLU,
-    StochasticActivationName,
     StochasticModule,
-    StochasticReLU,
 )
-from dropout_lab.nets import ACTIVATIONS, NUM_CLASSES, ActivationName, ScratchMLP, lenet, mlp
+from dropout_lab.nets import ACTIVATIONS, ActivationName, ScratchMLP, lenet, mlp
 from dropout_lab.types import Probability, check_probabilities, check_probability
 
 __all__ = [
@@ -35,123 +34,6 @@ __all__ = [
     "StochasticActivationMLP",
     "default_sgd",
 ]
-
-
-def default_sgd(params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
-    """Plain SGD with lr 0.1, the d2l book's setting; used when no optimizer is configured."""
-    return torch.optim.SGD(params, lr=0.1)
-
-
-class ClassifierModule(L.LightningModule):
-    """Base of every classifier: steps, cross-entropy loss, torchmetrics accuracy, logging, optimizer hook.
-
-    Subclasses only build ``self.net`` (a module mapping (B, 1, 28, 28) images to (B, 10) logits).
-
-    Args:
-        optimizer: optimizer factory (e.g. ``torch.optim.SGD`` with ``lr``); null = SGD with lr 0.1.
-        lr_scheduler: optional learning-rate scheduler factory, stepped once per epoch.
-    """
-
-    net: nn.Module
-    mc_samples: int = 0
-
-    def __init__(
-        self,
-        optimizer: OptimizerCallable | None = None,
-        lr_scheduler: LRSchedulerCallable | None = None,
-    ) -> None:
-        super().__init__()
-        self.optimizer_factory = optimizer or default_sgd
-        self.scheduler_factory = lr_scheduler
-        self.loss_fn = nn.CrossEntropyLoss()
-        self.train_acc = MulticlassAccuracy(NUM_CLASSES, average="micro", validate_args=False)
-        self.val_acc = MulticlassAccuracy(NUM_CLASSES, average="micro", validate_args=False)
-        self.test_acc = MulticlassAccuracy(NUM_CLASSES, average="micro", validate_args=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits (B, 10) for images (B, 1, 28, 28)."""
-        return self.net(x)
-
-    def _log_now(self) -> bool:
-        """True on the steps where Lightning writes logs (every ``trainer.log_every_n_steps``)."""
-        if self._trainer is None:
-            return True
-        return self.trainer._logger_connector.should_update_logs
-
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        """One optimization step's loss.
-
-        ``train/loss`` is logged only on the steps the logger writes (``trainer.log_every_n_steps``), and
-        ``train/acc`` accumulates on the device and is logged once per epoch: no host sync in the step.
-        """
-        x, y = batch
-        logits = self(x)
-        loss = self.loss_fn(logits, y)
-        self.train_acc.update(logits.detach(), y)
-        if self._log_now():
-            self.log("train/loss", loss.detach(), on_step=True, on_epoch=False, prog_bar=True)
-        return loss
-
-    def on_train_epoch_end(self) -> None:
-        """Log the epoch's training accuracy (``train/acc``)."""
-        self.log("train/acc", self.train_acc.compute())
-        self.train_acc.reset()
-
-    def _eval_step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> None:
-        x, y = batch
-        logits = self(x)
-        metric = getattr(self, f"{stage}_acc")
-        metric.update(logits, y)
-        self.log(f"{stage}/loss", self.loss_fn(logits, y), on_step=False, on_epoch=True)
-        self.log(f"{stage}/acc", metric, on_step=False, on_epoch=True, prog_bar=True)
-
-    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        """Logs ``val/loss`` and ``val/acc`` (epoch means)."""
-        self._eval_step(batch, "val")
-
-    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        """Logs ``test/loss`` and ``test/acc`` (means over the test set)."""
-        self._eval_step(batch, "test")
-
-    def predict_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
-        """Class probabilities (B, 10) and targets; with ``mc_samples`` > 0 also the MC-dropout summaries.
-
-        ``mc_samples`` is set by the ``mc`` subcommand; the MC passes run with every dropout-family layer
-        random even though Lightning has put the module in eval mode (see :func:`dropout_lab.uncertainty.mc_mode`).
-        """
-        x, y = batch
-        out = {"probs": self(x).softmax(dim=-1), "target": y}
-        if self.mc_samples:
-            from dropout_lab.uncertainty import mc_predict
-
-            result = mc_predict(self, x, self.mc_samples)
-            out |= {
-                "mc_probs": result.mean_probs,
-                "entropy": result.predictive_entropy,
-                "mutual_information": result.mutual_information,
-                "variance": result.variance,
-            }
-        return out
-
-    def on_fit_start(self) -> None:
-        """Record the optimizer's class and settings (lr, momentum, weight decay) with the run's hyperparameters."""
-        if self.logger is None:
-            return
-        params: dict[str, object] = {}
-        for i, optimizer in enumerate(self.trainer.optimizers):
-            prefix = "optimizer" if i == 0 else f"optimizer{i}"
-            params[prefix] = type(optimizer).__name__
-            for key in ("lr", "momentum", "weight_decay", "betas", "nesterov"):
-                if key in optimizer.defaults:
-                    params[f"{prefix}.{key}"] = optimizer.defaults[key]
-        self.logger.log_hyperparams(params)
-
-    def configure_optimizers(self) -> Any:
-        """The injected optimizer (and scheduler, if any) over all parameters."""
-        optimizer = self.optimizer_factory(self.parameters())
-        if self.scheduler_factory is None:
-            return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": self.scheduler_factory(optimizer)}
 
 
 class DropoutMLP(ClassifierModule):

@@ -16,28 +16,30 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dropout_lab.activations import (
+    GaussianNoiseReLU,
+    RandomizedLeakyReLU,
+    StochasticReLU,
+    gaussian_noise_relu,
+    make_stochastic_activation,
+    stochastic_relu,
+)
 from dropout_lab.dropout import (
     ChannelDropout,
     DropConnectLinear,
     Dropout,
     Dropout2d,
     GaussianDropout,
-    GaussianNoiseReLU,
-    RandomizedLeakyReLU,
     ScratchDropout,
     StochasticModule,
-    StochasticReLU,
     _ScratchDropoutFunction,
     channel_dropout,
     check_probability,
     dropconnect_linear,
     gaussian_dropout,
-    gaussian_noise_relu,
-    make_stochastic_activation,
     scratch_dropout,
     set_mc,
     stochastic_modules,
-    stochastic_relu,
 )
 
 LEVEL = 0.3  # default noise level (p, sigma, or rrelu slope width) used by the suite
