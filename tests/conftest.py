@@ -132,3 +132,21 @@ def idx_kit() -> SimpleNamespace:
         write_file=write_file,
         write_set=write_set,
     )
+
+
+def synthetic_cli_args(config: Path, tmp_path: Path) -> list[str]:
+    """CLI options for an in-process run of ``config`` on CPU, on the synthetic set, writing only under tmp."""
+    return [
+        "--config",
+        str(config),
+        "--trainer.accelerator",
+        "cpu",
+        "--data.data_dir",
+        str(tmp_path / "data"),
+        "--data.val_size",
+        "100",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.logger.init_args.save_dir",
+        str(tmp_path / "logs"),
+    ]

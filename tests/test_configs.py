@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from conftest import synthetic_cli_args
 
 from dropout_lab.cli import DropoutLabCLI
 from dropout_lab.models import ClassifierModule
@@ -25,23 +26,7 @@ def test_configs_exist() -> None:
 def test_config_fast_dev_run(config: Path, gz_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FASHION_MNIST_DIR", str(gz_dir))
     monkeypatch.chdir(tmp_path)
-    cli = DropoutLabCLI(
-        args=[
-            "fit",
-            "--config",
-            str(config),
-            "--trainer.fast_dev_run",
-            "true",
-            "--trainer.accelerator",
-            "cpu",
-            "--data.data_dir",
-            str(tmp_path / "data"),
-            "--data.val_size",
-            "100",
-            "--trainer.enable_progress_bar",
-            "false",
-        ]
-    )
+    cli = DropoutLabCLI(args=["fit", *synthetic_cli_args(config, tmp_path), "--trainer.fast_dev_run", "true"])
     assert isinstance(cli.model, ClassifierModule)
     assert cli.trainer.state.finished
     # fit ran one training batch and, through --test_after_fit (default true), one test batch

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import synthetic_cli_args
 
 from dropout_lab.cli import DropoutLabCLI
 
@@ -13,20 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _common(tmp_path: Path) -> list[str]:
-    return [
-        "--config",
-        str(ROOT / "configs/mlp.yaml"),
-        "--trainer.accelerator",
-        "cpu",
-        "--data.data_dir",
-        str(tmp_path / "data"),
-        "--data.val_size",
-        "100",
-        "--trainer.enable_progress_bar",
-        "false",
-        "--trainer.logger.init_args.save_dir",
-        str(tmp_path / "logs"),
-    ]
+    return synthetic_cli_args(ROOT / "configs/mlp.yaml", tmp_path)
 
 
 @pytest.fixture
