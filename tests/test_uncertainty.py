@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics.functional.classification import multiclass_calibration_error
 
-from dropout_lab import uncertainty
+from dropout_lab import mc_results
 from dropout_lab.calibration import calibration_metrics, reliability_bins
 from dropout_lab.dropout import DropConnectLinear, StochasticModule, stochastic_modules
 from dropout_lab.models import (
@@ -135,7 +135,7 @@ def test_vectorized_matches_loop_on_cuda(name: str) -> None:
 @pytest.mark.parametrize("flush", [None, 25])
 def test_streamed_summaries_equal_the_direct_ones_from_the_samples(flush: int | None, monkeypatch) -> None:
     if flush is not None:  # reduce the buffered logits every few blocks, not once at the end
-        monkeypatch.setattr(uncertainty, "_FLUSH_ELEMENTS", flush)
+        monkeypatch.setattr(mc_results, "_FLUSH_ELEMENTS", flush)
     model, x = make("dropout"), images(5)
     for chunk in (None, 7, 3):  # whole passes per forward, and slices of one pass per forward
         r = mc_predict(model, x, 50, chunk_size=chunk, return_samples=True)
