@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 from collections import deque
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -25,6 +24,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from dropout_lab.dropout import StochasticModule
+from dropout_lab.pending import PendingValues
 
 __all__ = ["ACTIVATION_TYPES", "ActivationVarianceMonitor", "activation_variance"]
 
@@ -53,37 +53,6 @@ def activation_variance(x: Tensor) -> Tensor:
     if x.dtype != torch.float64:
         x = x.float()
     return x.var(dim=0, correction=0).mean()
-
-
-@dataclass
-class _Pending:
-    """Variances of one forward, on their way to the host (CUDA: async copy to pinned memory + an event)."""
-
-    kind: Kind
-    step: int
-    names: list[str]
-    data: Tensor
-    event: torch.cuda.Event | None = None
-
-    @classmethod
-    def start(cls, kind: Kind, step: int, values: dict[str, Tensor]) -> _Pending:
-        data = torch.stack([v.to(torch.float32) for v in values.values()])
-        event = None
-        if data.is_cuda:
-            host = torch.empty(data.shape, dtype=data.dtype, pin_memory=True)
-            host.copy_(data, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()
-            data = host
-        return cls(kind, step, list(values), data, event)
-
-    def ready(self) -> bool:
-        return self.event is None or self.event.query()
-
-    def floats(self) -> list[float]:
-        if self.event is not None:
-            self.event.synchronize()
-        return self.data.tolist()
 
 
 class ActivationVarianceMonitor(L.Callback):
@@ -131,7 +100,7 @@ class ActivationVarianceMonitor(L.Callback):
         self.watched: dict[str, nn.Module] = {}
         self.figure_path: Path | None = None
         self._handles: list[RemovableHandle] = []
-        self._pending: deque[_Pending] = deque()
+        self._pending: deque[PendingValues] = deque()
         self._reset_capture()
         self._last_step = -1
         self._state_key: str | None = None
@@ -202,7 +171,7 @@ class ActivationVarianceMonitor(L.Callback):
         if not self._active:
             return
         if self._record and self._values:
-            self._pending.append(_Pending.start(self._kind, self._step, self._values))
+            self._pending.append(PendingValues.start(self._kind, self._step, self._values))
             if self._kind == "train":
                 self._last_step = self._step
         if self._capture and self._hist:
