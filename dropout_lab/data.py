@@ -165,7 +165,7 @@ class FashionMNISTDataModule(L.LightningDataModule):
         """Load the set once, split it, and (tensor loader) move it to the training device."""
         if self.splits:
             return
-        arrays = load_arrays(find_or_install(self.data_dir, self.hparams.download))
+        arrays = load_arrays(find_or_install(self.data_dir, self.hparams.download, check=False))  # load checks
         n_train = len(arrays.train_labels)
         if self.hparams.val_size >= n_train:
             raise DataError(

@@ -166,12 +166,17 @@ def gzip_sources() -> list[Path]:
     return [*dirs, DEBIAN_DIR]
 
 
-def find_or_install(data_dir: str | Path, download: bool = False) -> dict[str, Path]:
+def find_or_install(data_dir: str | Path, download: bool = False, check: bool = True) -> dict[str, Path]:
     """Make sure checked raw IDX files exist under ``<data_dir>/FashionMNIST/raw`` and return their paths.
 
     Sources, in order: torchvision's layout in ``data_dir``; gzip files in ``$FASHION_MNIST_DIR`` or
     ``/usr/share/datasets/fashion-mnist`` (unpacked into ``data_dir`` once); torchvision's download when
     ``download`` is true.
+
+    Args:
+        data_dir: the folder of the unpacked files.
+        download: allow torchvision's download as the last source.
+        check: check files already unpacked in ``data_dir`` (skip when :func:`load_arrays` follows: it checks).
 
     Raises:
         DataError: no source has usable files.
@@ -179,7 +184,8 @@ def find_or_install(data_dir: str | Path, download: bool = False) -> dict[str, P
     raw_dir = torchvision_raw_dir(Path(data_dir))
     found = _find_in(raw_dir, gz=False)
     if found is not None:
-        _check_all(found)
+        if check:
+            _check_all(found)
         return found
     for directory in gzip_sources():
         gz = _find_in(directory, gz=True)
