@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import re
 import sys
 from typing import Any
@@ -24,8 +25,13 @@ DESCRIPTION = (
     "Train and study dropout-regularized networks on FashionMNIST. "
     "Pick a model with --model (class path, e.g. dropout_lab.models.DropoutMLP) or a config file; "
     "`fit` trains, then tests the best checkpoint (--test_after_fit false to skip). "
-    "Logs go to TensorBoard: tensorboard --logdir lightning_logs"
+    "Logs go to TensorBoard: tensorboard --logdir lightning_logs. "
+    "Two more programs share this entry point: `study` (multi-seed grids of fit runs; `study --help`) "
+    "and `co2` (MC-dropout regression on the Mauna Loa CO2 series; `co2 --help`)."
 )
+
+# Programs reached through this entry point besides LightningCLI's subcommands: first argument → "module:function".
+APPS = {"study": "dropout_lab.studies:main", "co2": "dropout_lab.regression_cli:main"}
 
 
 class ConfigError(ValueError):
@@ -170,8 +176,18 @@ def _model_help(args: list[str]) -> list[str]:
     return [*rest, "--model.help", args[i + 1]]
 
 
+def _run_app(name: str, args: list[str]) -> None:
+    """Run one of :data:`APPS` (imported only when asked for) with the remaining arguments."""
+    module, function = APPS[name].split(":")
+    getattr(importlib.import_module(module), function)(args)
+
+
 def main(args: Any = None) -> None:
     """Run the CLI; user mistakes end with one ``error:`` line and exit code 2, not a traceback."""
+    argv = sys.argv[1:] if args is None else args
+    if isinstance(argv, list) and argv and argv[0] in APPS:
+        _run_app(argv[0], list(argv[1:]))
+        return
     if args is None:
         sys.argv[1:] = _model_help(sys.argv[1:])
     elif isinstance(args, list):
