@@ -7,7 +7,7 @@ DEBIAN_DATA := /usr/share/datasets/fashion-mnist
 TORCH_PINS  := torch==2.14.1 torchvision==0.29.1
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: help install data run test lint bench clean-logs
+.PHONY: help install data run test lint bench clean-logs docker-smoke
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -29,9 +29,10 @@ data:  ## install FashionMNIST from Debian (dataset-fashion-mnist) unless it is 
 run: install data  ## train the d2l dropout MLP (configs/mlp.yaml), then test the best checkpoint
 	$(PY) -m dropout_lab fit --config configs/mlp.yaml
 
-lint: install  ## ruff
+lint: install  ## ruff, hadolint
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/hadolint Dockerfile
 
 test: install data lint  ## lint, then the test suite (slow and gpu tests excluded; see README)
 	$(PY) -m pytest
@@ -41,3 +42,6 @@ bench: install data  ## speed benchmark: Trainer + torch DataLoader vs Trainer +
 
 clean-logs:  ## remove every run under lightning_logs/
 	find lightning_logs -mindepth 1 ! -name .gitkeep -exec rm -rf {} +
+
+docker-smoke:  ## build the Dockerfile (buildah, local Debian base) and run --help and a fast_dev_run fit in it (podman)
+	scripts/docker-smoke.sh
