@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install $(TORCH_PINS)
-	$(PY) -m pip install -e ".[dev]"
+	$(PY) -m pip install -e ".[dev,regression]"
 	touch $@
 
 install: $(VENV)/.installed  ## create .venv with torch, the package and its dev tools
