@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import importlib
+import os
 import re
+import secrets
 import sys
 from typing import Any
 
@@ -17,6 +19,8 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from dropout_lab.data import FashionMNISTDataModule
 from dropout_lab.idx import DataError
 from dropout_lab.models import ClassifierModule
+from dropout_lab.reliability import DivergenceError, DivergenceGuard, LastEveryEpochCheckpoint, RNGStateCheckpoint
+from dropout_lab.runs import ProvenanceSaveConfig, resolve_ckpt_path
 from dropout_lab.trainer import LabTrainer
 
 __all__ = ["ConfigError", "DropoutLabCLI", "main"]
@@ -56,6 +60,7 @@ class DropoutLabCLI(LightningCLI):
             datamodule_class=FashionMNISTDataModule,
             trainer_class=LabTrainer,
             seed_everything_default=0,
+            save_config_callback=ProvenanceSaveConfig,
             save_config_kwargs={"overwrite": True},
             auto_configure_optimizers=False,
             args=args,
@@ -70,7 +75,7 @@ class DropoutLabCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         """Default model ``DropoutMLP``; ``checkpoint.*`` configures the best (by ``val/acc``) and last checkpoints."""
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(LastEveryEpochCheckpoint, "checkpoint")
         parser.set_defaults(
             {
                 "model": {"class_path": "dropout_lab.models.DropoutMLP"},
@@ -81,6 +86,17 @@ class DropoutLabCLI(LightningCLI):
                 "checkpoint.auto_insert_metric_name": False,
             }
         )
+
+    def _set_seed(self) -> None:
+        """``seed_everything: true`` draws a fresh random seed (Lightning 2 would use 0); the seed used is saved.
+
+        DDP's worker processes inherit the drawn seed from the launching process (``$PL_GLOBAL_SEED``).
+        """
+        key = f"{self.subcommand}.seed_everything" if self.subcommand else "seed_everything"
+        if self.config.get(key) is True:
+            inherited = os.environ.get("PL_GLOBAL_SEED", "")
+            self.config[key] = int(inherited) if inherited.isdigit() else secrets.randbelow(2**31)
+        super()._set_seed()
 
     def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> LightningArgumentParser:
         parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
@@ -104,6 +120,11 @@ class DropoutLabCLI(LightningCLI):
             )
         if config.data.val_size == 0:
             config.checkpoint.monitor = None
+        if "ckpt_path" in config:
+            try:
+                resolve_ckpt_path(config)
+            except FileNotFoundError as err:
+                raise ConfigError(str(err)) from None
 
     def instantiate_classes(self) -> None:
         """Instantiate model, data and trainer; a constructor's ``ValueError`` becomes a one-line config error."""
@@ -113,7 +134,7 @@ class DropoutLabCLI(LightningCLI):
             raise ConfigError(str(err)) from None
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
-        """Build the Trainer.
+        """Build the Trainer, with the RNG-state and divergence callbacks always added.
 
         ``--trainer.enable_checkpointing false`` drops the ``checkpoint`` callback and
         ``--trainer.enable_progress_bar false`` drops a configured progress bar, instead of failing.
@@ -122,6 +143,7 @@ class DropoutLabCLI(LightningCLI):
         extra = [self._get(self.config_init, key) for key in self._parser(self.subcommand).callback_keys]
         if config.get("enable_checkpointing") is False:
             extra = [c for c in extra if not isinstance(c, ModelCheckpoint)]
+        extra += [RNGStateCheckpoint(), DivergenceGuard()]
         if config.get("enable_progress_bar") is False and config.get("callbacks"):
             config["callbacks"] = [c for c in config["callbacks"] if not isinstance(c, ProgressBar)]
         return self._instantiate_trainer(config, extra)
@@ -183,7 +205,7 @@ def _run_app(name: str, args: list[str]) -> None:
 
 
 def main(args: Any = None) -> None:
-    """Run the CLI; user mistakes end with one ``error:`` line and exit code 2, not a traceback."""
+    """Run the CLI; user mistakes end with one ``error:`` line and exit code 2, divergence with exit code 3."""
     argv = sys.argv[1:] if args is None else args
     if isinstance(argv, list) and argv and argv[0] in APPS:
         _run_app(argv[0], list(argv[1:]))
@@ -199,6 +221,9 @@ def main(args: Any = None) -> None:
         if isinstance(err, ArgumentError):
             print("(see `python -m dropout_lab <subcommand> --help` for every option)", file=sys.stderr)
         sys.exit(2)
+    except DivergenceError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(3)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,216 @@
+"""Crash safety and reproducibility: exact resume after SIGKILL, Ctrl-C, DDP on CPU, divergence, provenance.
+
+The runs are real ``python -m dropout_lab`` subprocesses on the synthetic set (see ``test_cli.py``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from test_cli import MLP, cli_env, error_lines, explain, local, run_cli, run_main, scalars
+
+from dropout_lab.reliability import DivergenceGuard, rng_state, set_rng_state
+
+PAUSE_AT = '''
+import time
+from pathlib import Path
+from lightning.pytorch.callbacks import Callback
+
+
+class PauseAt(Callback):
+    """Touch ``marker`` after batch ``batch`` of epoch ``epoch`` of a fresh (not resumed) run, then wait.
+
+    Args:
+        marker: the file to create.
+        epoch: 0-based epoch.
+        batch: batch index in that epoch.
+    """
+
+    def __init__(self, marker: str, epoch: int = 2, batch: int = 3) -> None:
+        self.marker, self.epoch, self.batch = marker, epoch, batch
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.ckpt_path is None and (trainer.current_epoch, batch_idx) == (self.epoch, self.batch):
+            Path(self.marker).touch()
+            time.sleep(300)
+'''
+
+
+def six_epochs(workdir: Path, *extra: str) -> list[str]:
+    """Six short epochs (8 batches of 64) on the synthetic set, no test at the end."""
+    return ["fit", "--config", str(MLP), *local(workdir), "--data.val_size", "100", "--data.batch_size", "64",
+            "--trainer.max_epochs", "6", "--trainer.enable_progress_bar", "false", "--test_after_fit", "false",
+            *extra]  # fmt: skip
+
+
+def final(run_dir: Path, tag: str) -> float:
+    """The value of ``tag`` at the run's last step (a resumed run repeats some steps; the last write counts)."""
+    points = scalars(run_dir)[tag]
+    last_step = max(step for step, _ in points)
+    return [value for step, value in points if step == last_step][-1]
+
+
+def start(args: list[str], workdir: Path, env: dict[str, str]) -> subprocess.Popen:
+    workdir.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "dropout_lab", *args]
+    return subprocess.Popen(cmd, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def wait_for(path: Path, process: subprocess.Popen, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if process.poll() is not None:
+            pytest.fail(f"the run ended before {path.name} appeared:\n{process.stdout.read()[-4000:]}")
+        if time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f"{path.name} did not appear in {timeout} s")
+        time.sleep(0.1)
+
+
+@pytest.fixture
+def pause_env(tmp_path: Path, shared_gz_dir: Path) -> dict[str, str]:
+    """The CLI environment with a ``killpoint.PauseAt`` callback importable."""
+    helpers = tmp_path / "helpers"
+    helpers.mkdir()
+    (helpers / "killpoint.py").write_text(PAUSE_AT)
+    env = cli_env(shared_gz_dir)
+    env["PYTHONPATH"] = f"{helpers}:{env['PYTHONPATH']}"
+    return env
+
+
+def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path: Path, pause_env: dict[str, str]) -> None:
+    reference = start(six_epochs(tmp_path / "a"), tmp_path / "a", pause_env)
+    marker = tmp_path / "paused"
+    pause = ["--trainer.callbacks+=killpoint.PauseAt", "--trainer.callbacks.marker", str(marker)]
+    victim = start(six_epochs(tmp_path / "b", *pause), tmp_path / "b", pause_env)
+    wait_for(marker, victim)  # epoch 3 of 6, batch 4 of 8
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert reference.wait(timeout=300) == 0, reference.stdout.read()[-4000:]
+    (run_b,) = (tmp_path / "b" / "logs").glob("*/version_*")
+    assert torch.load(run_b / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 1  # the last full epoch
+
+    # resume from the run folder alone: its saved config and ``--ckpt_path last``
+    resumed = start(["fit", "--config", str(run_b / "config.yaml"), "--ckpt_path", "last"], tmp_path / "b", pause_env)
+    out = resumed.communicate(timeout=300)[0]
+    assert resumed.returncode == 0, out[-4000:]
+    (run_a,) = (tmp_path / "a" / "logs").glob("*/version_*")
+    assert [p.name for p in (tmp_path / "b" / "logs").glob("*/version_*")] == [run_b.name]  # same TensorBoard run
+    for tag in ("val/acc", "val/loss"):
+        assert final(run_b, tag) == pytest.approx(final(run_a, tag), abs=1e-6), tag
+    a = torch.load(run_a / "checkpoints" / "last.ckpt", weights_only=True)
+    b = torch.load(run_b / "checkpoints" / "last.ckpt", weights_only=True)
+    assert (a["epoch"], a["global_step"]) == (b["epoch"], b["global_step"]) == (5, 48)
+    for key, value in a["state_dict"].items():
+        torch.testing.assert_close(b["state_dict"][key], value, rtol=0, atol=1e-6, msg=key)
+
+
+def test_ctrl_c_leaves_a_usable_last_checkpoint(tmp_path: Path, pause_env: dict[str, str]) -> None:
+    marker = tmp_path / "paused"
+    pause = ["--trainer.callbacks+=killpoint.PauseAt", "--trainer.callbacks.marker", str(marker)]
+    run = start(six_epochs(tmp_path, *pause), tmp_path, pause_env)
+    wait_for(marker, run)
+    run.send_signal(signal.SIGINT)
+    out = run.communicate(timeout=120)[0]
+    assert run.returncode != 0 and "Traceback" not in out, out[-4000:]
+    (folder,) = (tmp_path / "logs").glob("*/version_*")
+    ckpt = torch.load(folder / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["epoch"] == 1 and ckpt["global_step"] == 16
+    assert "RNGStateCheckpoint" in ckpt["callbacks"] and ckpt["optimizer_states"]
+
+
+def test_ddp_on_two_cpu_processes(tmp_path: Path, shared_gz_dir: Path) -> None:
+    args = ["fit", "--config", str(MLP), *local(tmp_path), "--data.val_size", "100", "--data.batch_size", "64",
+            "--trainer.max_epochs", "2", "--trainer.enable_progress_bar", "false",
+            "--trainer.strategy", "ddp", "--trainer.devices", "2"]  # fmt: skip
+    result = run_cli(args, tmp_path, shared_gz_dir)
+    assert result.returncode == 0, explain(result)
+    (folder,) = (tmp_path / "logs").glob("*/version_*")  # one TensorBoard run
+    names = sorted(p.name for p in (folder / "checkpoints").iterdir())
+    assert len(names) == 2 and "last.ckpt" in names, names  # one best + one last, not one per rank
+    ckpt = torch.load(folder / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 2 * math.ceil(250 / 64)  # each rank trained on its half of the 500 images
+
+    # the synced test accuracy of the DDP run equals a single-process test of the same checkpoint
+    ddp_acc = final(folder, "test/acc")
+    best = next(p for p in (folder / "checkpoints").iterdir() if p.name != "last.ckpt")
+    single = run_cli(["test", "--config", str(folder / "config.yaml"), "--ckpt_path", str(best),
+                      "--trainer.strategy", "auto", "--trainer.devices", "1", "--trainer.logger", "false"],
+                     tmp_path, shared_gz_dir)  # fmt: skip
+    assert single.returncode == 0, explain(single)
+    found = [line.split()[-1] for line in single.stdout.splitlines() if "test/acc" in line]
+    assert found and float(found[-1]) == pytest.approx(ddp_acc, abs=1e-6), single.stdout
+
+
+# --- in process -----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, shared_gz_dir: Path) -> Path:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("FASHION_MNIST_DIR", str(shared_gz_dir))
+    return tmp_path
+
+
+def test_divergence_stops_with_the_step_and_no_bad_checkpoint(in_tmp: Path, capsys: pytest.CaptureFixture) -> None:
+    args = six_epochs(in_tmp, "--model.optimizer.init_args.lr", "1e4")
+    code, _, err = run_main(args, capsys)
+    assert code == 3, err
+    (line,) = error_lines(err)
+    assert "training diverged" in line and "at step" in line and "learning rate" in line, line
+    assert "Traceback" not in err
+    for path in in_tmp.glob("logs/*/version_*/checkpoints/*.ckpt"):
+        state = torch.load(path, weights_only=True)["state_dict"]
+        assert all(torch.isfinite(v).all() for v in state.values()), path
+
+
+def test_guard_names_the_first_bad_step() -> None:
+    class Trainer:
+        global_step = 0
+        current_epoch = 0
+        num_training_batches = 10
+        _logger_connector = type("C", (), {"should_update_logs": False})()
+
+    guard, trainer = DivergenceGuard(), Trainer()
+    for step, loss in enumerate([1.0, 2.0, float("nan"), 1.0, float("inf")]):
+        trainer.global_step = step + 1
+        guard.on_train_batch_end(trainer, None, {"loss": torch.tensor(loss)}, None, step)  # type: ignore[arg-type]
+    with pytest.raises(Exception, match="at step 2 "):
+        guard.check(trainer)  # type: ignore[arg-type]
+
+
+def test_rng_state_round_trip() -> None:
+    import random
+
+    import numpy as np
+
+    state = rng_state()
+    first = (torch.rand(3), np.random.rand(3), random.random())
+    set_rng_state(state)
+    again = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(first[0], again[0]) and np.array_equal(first[1], again[1]) and first[2] == again[2]
+
+
+def test_drawn_seed_and_provenance_are_saved(in_tmp: Path, capsys: pytest.CaptureFixture) -> None:
+    from dropout_lab.cli import main
+
+    main([*six_epochs(in_tmp, "--seed_everything", "true", "--trainer.max_epochs", "1")])
+    (folder,) = (in_tmp / "logs").glob("*/version_*")
+    text = (folder / "config.yaml").read_text()
+    seed = yaml.safe_load(text)["seed_everything"]
+    assert isinstance(seed, int) and not isinstance(seed, bool)
+    assert os.environ["PL_GLOBAL_SEED"] == str(seed)  # the seed saved is the seed used
+    assert "--ckpt_path" in text.splitlines()[2]  # the resume command in the header
+    info = yaml.safe_load((folder / "provenance.yaml").read_text())
+    assert info["torch"] == str(torch.__version__) and {"lightning", "deterministic_algorithms"} <= set(info)
+    ckpt = torch.load(folder / "checkpoints" / "last.ckpt", weights_only=True)  # tensors and plain types only
+    assert ckpt["hyper_parameters"]["dropouts"] == [0.5, 0.5]
