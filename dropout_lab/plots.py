@@ -206,3 +206,77 @@ def plot_rotated(result: RotatedResult, max_points: int = 200) -> Figure:
     for ax in (ax_logits, ax_probs):
         ax.grid(alpha=0.3)
     return fig
+
+
+def plot_study_bars(accs: Mapping[str, Sequence[float]], pvalues: Sequence[float], baseline: str, title: str,
+                    alpha: float = 0.05) -> Figure:  # fmt: skip
+    """Test accuracy (%) per study cell: mean bar, ± std error bar, one dot per seed; ``*`` where p < ``alpha``."""
+    fig = Figure(figsize=(max(5.0, 1.1 * len(accs) + 1), 4.2), layout="constrained")
+    ax = fig.subplots()
+    values = [100 * np.asarray(v) for v in accs.values()]
+    means, stds = [v.mean() for v in values], [v.std(ddof=1) if len(v) > 1 else 0.0 for v in values]
+    colors = ["tab:orange" if name == baseline else "tab:blue" for name in accs]
+    ax.bar(range(len(values)), means, yerr=stds, color=colors, alpha=0.6, capsize=4)
+    for i, (v, p) in enumerate(zip(values, pvalues, strict=True)):
+        ax.plot(np.full(len(v), i), v, "k.", markersize=4)
+        if p < alpha:
+            ax.annotate("*", (i, v.max()), ha="center", va="bottom", fontsize=14)
+    low, high = min(v.min() for v in values), max(v.max() for v in values)
+    ax.set_ylim(low - 0.3 * (high - low + 0.5), high + 0.25 * (high - low + 0.5))
+    ax.set_xticks(range(len(values)), list(accs), rotation=30, ha="right", fontsize="small")
+    ax.set_ylabel("test accuracy %")
+    ax.set_title(f"{title}; orange = baseline, * = p < {alpha} vs baseline (Welch)", fontsize="medium")
+    ax.grid(True, axis="y", alpha=0.3)
+    return fig
+
+
+def plot_study_heatmap(accs: Mapping[tuple[str, str], Sequence[float]], keys: Sequence[str], title: str) -> Figure:
+    """Mean test accuracy (%) over two grid keys (rows: ``keys[0]``, columns: ``keys[1]``), labelled mean ± std."""
+    rows = list(dict.fromkeys(r for r, _ in accs))
+    cols = list(dict.fromkeys(c for _, c in accs))
+    grid = np.full((len(rows), len(cols)), np.nan)
+    fig = Figure(figsize=(1.6 * len(cols) + 2.5, 0.8 * len(rows) + 1.8), layout="constrained")
+    ax = fig.subplots()
+    for (r, c), v in accs.items():
+        grid[rows.index(r), cols.index(c)] = 100 * np.mean(v)
+    image = ax.imshow(grid, cmap="viridis", aspect="auto")
+    for (r, c), v in accs.items():
+        std = 100 * np.std(v, ddof=1) if len(v) > 1 else 0.0
+        ax.text(cols.index(c), rows.index(r), f"{100 * np.mean(v):.2f}\n± {std:.2f}", ha="center", va="center",
+                color="white" if 100 * np.mean(v) < np.nanmean(grid) else "black", fontsize="small")  # fmt: skip
+    ax.set_xticks(range(len(cols)), cols)
+    ax.set_yticks(range(len(rows)), rows)
+    ax.set_xlabel(keys[1])
+    ax.set_ylabel(keys[0])
+    ax.set_title(title, fontsize="medium")
+    fig.colorbar(image, ax=ax, label="test accuracy %")
+    return fig
+
+
+def plot_study_curves(panels: Mapping[str, Mapping[str, tuple[np.ndarray, np.ndarray]]], title: str,
+                      xlabel: str = "epoch", log_y: bool = False, columns: int = 3) -> Figure:  # fmt: skip
+    """One axes per panel; per cell the mean over seeds (rows of the array) against x, with a ± std band."""
+    n = max(len(panels), 1)
+    ncols = min(columns, n)
+    nrows = math.ceil(n / ncols)
+    fig = Figure(figsize=(4.6 * ncols + 1.5, 3.4 * nrows), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel()
+    colors = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
+    cells = list(dict.fromkeys(c for panel in panels.values() for c in panel))
+    for ax, (name, panel) in zip(axes, panels.items(), strict=False):
+        for cell, (x, values) in panel.items():
+            color = colors[cells.index(cell) % len(colors)]
+            mean, std = values.mean(axis=0), values.std(axis=0, ddof=1) if len(values) > 1 else 0 * values[0]
+            ax.plot(x, mean, color=color, label=cell, linewidth=1.4)
+            ax.fill_between(x, mean - std, mean + std, color=color, alpha=0.2, linewidth=0)
+        if log_y:
+            ax.set_yscale("log")
+        ax.set_title(name, fontsize="medium")
+        ax.set_xlabel(xlabel)
+        ax.grid(True, alpha=0.3)
+    for ax in axes[len(panels) :]:
+        ax.set_visible(False)
+    if cells:
+        fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", ncols=min(len(cells), 4))
+    fig.suptitle(title)
+    return fig

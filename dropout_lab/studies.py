@@ -1,0 +1,300 @@
+"""Studies: a grid of config overrides × seeds, every run a normal ``fit`` + ``test`` of :class:`DropoutLabCLI`.
+
+``python -m dropout_lab study --config configs/studies/swap.yaml`` runs each (cell, seed) in this process through
+the CLI, appends its metrics to ``results.csv`` and curves to ``curves.csv`` as it finishes (a killed study
+resumes by skipping finished pairs), then writes table and figure (:mod:`dropout_lab.study_report`). Study file
+keys: ``base``, ``grid`` (dotted key → values) or ``cells`` (name → overrides; ``config`` swaps the base config),
+``seeds`` (count or list); optional ``name``, ``out``, ``epochs``, ``baseline``, ``compare`` (pairs of cells),
+``figure``, ``args`` (CLI options for every run), ``test_every_epoch`` (test every epoch's checkpoint too).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import itertools
+import json
+import logging
+import re
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dropout_lab import study_report as report
+
+__all__ = ["Cell", "Study", "StudyError", "expand_grid", "load_study", "main", "pending", "run_args"]
+
+FIGURES = ("bar", "curves", "variance", "heatmap", "test_error")
+_KEYS = {"name", "base", "grid", "cells", "seeds", "epochs", "baseline", "compare", "figure", "args", "out",
+         "test_every_epoch"}  # fmt: skip
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9._=+,-]+$")
+MIN_SEEDS = 3
+
+
+class StudyError(ValueError):
+    """A mistake in a study file or the study's arguments; the message names the key or file."""
+
+
+@dataclass
+class Cell:
+    """One point of the grid: a name (used for folders and tables) and its CLI overrides (dotted key → value)."""
+
+    name: str
+    overrides: dict[str, Any]
+
+
+@dataclass
+class Study:
+    """A parsed study file (see the module docstring for the keys)."""
+
+    name: str
+    base: str
+    cells: list[Cell]
+    seeds: list[int]
+    out: Path
+    epochs: int | None = None
+    baseline: str = ""
+    compare: list[tuple[str, str]] = field(default_factory=list)
+    figure: str = "bar"
+    args: list[str] = field(default_factory=list)
+    test_every_epoch: bool = False
+
+
+def expand_grid(grid: dict[str, list[Any]]) -> list[Cell]:
+    """Cells of the product of ``grid``'s value lists (first key varies slowest), named ``key=value+key=value``."""
+    for key, values in grid.items():
+        if not isinstance(values, list) or not values:
+            raise StudyError(f"grid.{key}: expected a non-empty list of values, got {values!r}")
+    short = report.short_keys(list(grid))
+    cells = []
+    for combo in itertools.product(*grid.values()):
+        overrides = dict(zip(grid, combo, strict=True))
+        name = "+".join(f"{short[k]}={report.format_value(v, k)}" for k, v in overrides.items())
+        cells.append(Cell(name, overrides))
+    return cells
+
+
+def _seeds(value: Any, source: str) -> list[int]:
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return list(range(value))
+    if isinstance(value, list) and value and all(isinstance(s, int) and not isinstance(s, bool) for s in value):
+        if len(set(value)) != len(value):
+            raise StudyError(f"{source}: seeds repeat: {value}")
+        return list(value)
+    raise StudyError(f"{source}: expected a positive count or a list of integer seeds, got {value!r}")
+
+
+def load_study(path: str | Path, out: str | Path | None = None) -> Study:
+    """Read and check a study file; ``out`` replaces its output folder (default ``results/studies/<name>``)."""
+    path = Path(path)
+    try:
+        spec = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as err:
+        raise StudyError(f"--config: cannot read study file {path}: {str(err).splitlines()[0]}") from None
+    if not isinstance(spec, dict) or "base" not in spec or ("grid" in spec) == ("cells" in spec):
+        raise StudyError(f"{path}: needs `base` and exactly one of `grid` or `cells`")
+    if set(spec) - _KEYS:
+        raise StudyError(f"{path}: unknown key(s) {', '.join(sorted(set(spec) - _KEYS))}; known: {sorted(_KEYS)}")
+    if "grid" in spec:
+        if not isinstance(spec["grid"], dict) or not spec["grid"]:
+            raise StudyError(f"{path}: grid: expected a mapping of dotted keys to lists of values")
+        cells = expand_grid(spec["grid"])
+    elif isinstance(spec["cells"], dict) and all(isinstance(v, dict) for v in spec["cells"].values()):
+        cells = [Cell(str(k), dict(v)) for k, v in spec["cells"].items()]
+    else:
+        raise StudyError(f"{path}: cells: expected a mapping of cell name to a mapping of overrides")
+    names = [c.name for c in cells]
+    bad = [n for n in names if not _SAFE_NAME.match(n)] + [n for n in set(names) if names.count(n) > 1]
+    if bad:
+        raise StudyError(
+            f"{path}: cell name {bad[0]!r} is repeated or uses characters other than letters, digits, ._=+,-"
+        )
+    name = str(spec.get("name", path.stem))
+    compare = [tuple(pair) for pair in spec.get("compare", [])]
+    study = Study(
+        name=name,
+        base=str(spec["base"]),
+        cells=cells,
+        seeds=_seeds(spec.get("seeds", 5), f"{path}: seeds"),
+        out=Path(out if out is not None else spec.get("out", f"results/studies/{name}")),
+        epochs=spec.get("epochs"),
+        baseline=str(spec.get("baseline", names[0])),
+        compare=compare,  # type: ignore[arg-type]
+        figure=str(spec.get("figure", "bar")),
+        args=[str(a) for a in spec.get("args", [])],
+        test_every_epoch=bool(spec.get("test_every_epoch", False)),
+    )
+    if any(len(pair) != 2 for pair in compare):
+        raise StudyError(f"{path}: compare: expected pairs of cell names")
+    for cell in [study.baseline, *itertools.chain(*compare)]:
+        if cell not in names:
+            raise StudyError(f"{path}: baseline/compare: no cell named {cell!r}; cells: {', '.join(names)}")
+    if study.figure not in FIGURES:
+        raise StudyError(f"{path}: figure: {study.figure!r} is not one of {', '.join(FIGURES)}")
+    return study
+
+
+def run_args(study: Study, cell: Cell, seed: int, logdir: Path, extra: list[str] = ()) -> list[str]:  # type: ignore[assignment]
+    """The ``fit`` arguments of one run: base config, study args, ``extra``, the cell's overrides, then seed/logger."""
+    config = cell.overrides.get("config", study.base)
+    args = ["fit", "--config", str(config), *study.args, *extra]
+    args += [f"--{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in cell.overrides.items() if k != "config"]
+    if study.epochs is not None:
+        args.append(f"--trainer.max_epochs={study.epochs}")
+    if study.test_every_epoch:
+        args += ["--checkpoint.save_top_k=-1", "--checkpoint.filename=epoch{epoch:02d}"]
+    return [
+        *args,
+        f"--seed_everything={seed}",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+        "--trainer.logger.class_path=lightning.pytorch.loggers.TensorBoardLogger",
+        f"--trainer.logger.init_args.save_dir={logdir / study.name}",
+        f"--trainer.logger.init_args.name={cell.name}",
+        f"--trainer.logger.init_args.version=seed{seed}",
+        "--trainer.logger.init_args.default_hp_metric=false",
+        "--test_after_fit=true",
+    ]
+
+
+def pending(study: Study, done_rows: list[dict[str, str]]) -> list[tuple[Cell, int]]:
+    """The (cell, seed) pairs of ``study`` that have no row in ``done_rows`` yet, seeds outermost."""
+    other = sorted({r["max_epochs"] for r in done_rows} - {str(study.epochs)}) if study.epochs else []
+    if other:
+        msg = f"{study.out / 'results.csv'} holds runs of max_epochs {', '.join(other)}, not {study.epochs}"
+        raise StudyError(msg + "; pass that --epochs or another --out")
+    done = {(r["cell"], int(r["seed"])) for r in done_rows}
+    return [(c, s) for s in study.seeds for c in study.cells if (c.name, s) not in done]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m dropout_lab study",
+        description="Run a study (a grid of config overrides × seeds, each run a `fit` + test of the best "
+        "checkpoint), appending to <out>/results.csv as runs finish (rerun to resume), then write <out>/<name>.md "
+        "(mean ± std per cell, Welch's t-tests) and <out>/<name>.png. Options after `--` go to every run.",
+    )
+    parser.error = lambda message: sys.exit(print(f"error: {message}", file=sys.stderr) or 2)  # type: ignore[method-assign]
+    add = parser.add_argument
+    add("--config", required=True, help="the study file (YAML), e.g. configs/studies/swap.yaml")
+    add("--out", help="output folder (default: the file's `out`, else results/studies/<name>)")
+    add("--logdir", default="lightning_logs/studies", help="TensorBoard root: <logdir>/<name>/<cell>/seed<k>")
+    add("--seeds", type=int, nargs="+", help="seeds to run instead of the file's (e.g. 0 1 2)")
+    add("--epochs", type=int, help="trainer.max_epochs of every run (default: the file's, else the config's)")
+    add("--dry_run", action="store_true", help="list the runs still to do, with their arguments, and stop")
+    add("--keep_checkpoints", action="store_true", help="keep each run's checkpoints (default: deleted once recorded)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of ``python -m dropout_lab study``; mistakes end with one ``error:`` line and exit code 2."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra = argv[argv.index("--") + 1 :] if "--" in argv else []
+    opts = _parser().parse_args(argv[: argv.index("--")] if "--" in argv else argv)
+    try:
+        study = load_study(opts.config, opts.out)
+        if opts.seeds is not None:
+            study.seeds = _seeds(opts.seeds, "--seeds")
+        if opts.epochs is not None and opts.epochs < 1:
+            raise StudyError(f"--epochs: expected a positive integer, got {opts.epochs}")
+        study.epochs = opts.epochs or study.epochs
+        run_study(study, Path(opts.logdir), extra, dry_run=opts.dry_run, keep=opts.keep_checkpoints)
+    except StudyError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+def run_study(study: Study, logdir: Path, extra: list[str], dry_run: bool = False, keep: bool = False) -> None:
+    """Run the study's unfinished (cell, seed) pairs, then write its table and figure (see :func:`main`)."""
+    results = study.out / "results.csv"
+    todo = pending(study, report.read_rows(results))
+    total = len(study.cells) * len(study.seeds)
+    print(f"study {study.name}: {len(study.cells)} cells × {len(study.seeds)} seeds = {total} runs; "
+          f"{total - len(todo)} done, {len(todo)} to run; results in {results}", flush=True)  # fmt: skip
+    if len(study.seeds) < MIN_SEEDS:
+        print(f"warning: {len(study.seeds)} seed(s); {MIN_SEEDS} is the floor for the t-tests to mean much", flush=True)
+    if dry_run:
+        for cell, seed in todo:
+            print(f"{cell.name} seed {seed}: " + " ".join(run_args(study, cell, seed, logdir, extra)))
+        return
+    study.out.mkdir(parents=True, exist_ok=True)
+    for name in ("lightning.pytorch", "lightning.fabric"):  # their INFO lines would drown the progress lines
+        logging.getLogger(name).setLevel(logging.WARNING)
+    spent = 0.0
+    for k, (cell, seed) in enumerate(todo, 1):
+        row, curves = run_one(study, cell, seed, logdir, extra, keep)
+        report.append_rows(study.out / "curves.csv", report.CURVE_FIELDS, curves)
+        report.append_rows(results, report.RESULT_FIELDS, [row])  # the row marks the run as finished
+        spent += float(row["seconds"])
+        eta = f"ETA {spent / k * (len(todo) - k) / 60:.1f} min"
+        print(f"[{k}/{len(todo)}] {cell.name} seed {seed}: test acc {float(row['test_acc']):.4f}, "
+              f"gap {float(row['gap']):+.4f}, {row['seconds']} s; {eta}", flush=True)  # fmt: skip
+    for path in report.write_report(study, report.read_rows(results), report.read_rows(study.out / "curves.csv")):
+        print(f"wrote {path}")
+
+
+def _epoch_tests(cli: Any) -> list[tuple[int, float]]:
+    """Test accuracy of every epoch's checkpoint, through the run's own Trainer (its loggers detached)."""
+    cli.trainer.loggers = []
+    out = []
+    for path in sorted(Path(cli.trainer.checkpoint_callback.dirpath).glob("*epoch*.ckpt")):
+        result = cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path=str(path), verbose=False)
+        out.append((int(re.findall(r"epoch(\d+)", path.name)[-1]), float(result[0]["test/acc"])))
+    return out
+
+
+def run_one(study: Study, cell: Cell, seed: int, logdir: Path, extra: list[str], keep: bool) -> tuple[dict, list]:
+    """One ``fit`` + test through :class:`DropoutLabCLI` (see :func:`run_args`); returns its results and curve rows.
+
+    The run's console output goes to ``run.log`` in its TensorBoard folder (removed first if an unfinished
+    attempt left one). Its hyperparameters and final metrics go to TensorBoard's HPARAMS tab.
+    """
+    from jsonargparse import ArgumentError
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    from dropout_lab.cli import ConfigError, DropoutLabCLI, condense_error
+    from dropout_lab.idx import DataError
+
+    run_dir = logdir / study.name / cell.name / f"seed{seed}"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    run_dir.mkdir(parents=True)
+    start = time.perf_counter()
+    try:
+        with (run_dir / "run.log").open("w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+            cli = DropoutLabCLI(args=run_args(study, cell, seed, logdir, extra))
+            if cli.trainer.interrupted:  # Ctrl-C: Lightning stopped the fit; stop the study without a row
+                raise KeyboardInterrupt
+            final = {k: float(v) for k, v in cli.trainer.callback_metrics.items()}
+            logger = cli.trainer.logger
+            epoch_tests = _epoch_tests(cli) if study.test_every_epoch else []
+    except (DataError, ConfigError, MisconfigurationException, ArgumentError) as err:
+        raise StudyError(f"cell {cell.name}: {condense_error(str(err))}") from None
+    seconds = time.perf_counter() - start
+    scalars = report.read_scalars(run_dir)
+    train, val = scalars.get("train/acc", [(0, float("nan"))]), scalars.get("val/acc", [(0, float("nan"))])
+    row = {
+        "cell": cell.name, "seed": seed, "max_epochs": cli.trainer.max_epochs,
+        "test_acc": final.get("test/acc", float("nan")), "test_loss": final.get("test/loss", float("nan")),
+        "val_acc": val[-1][1], "best_val_acc": max(v for _, v in val), "train_acc": train[-1][1],
+        "gap": train[-1][1] - val[-1][1], "steps": cli.trainer.global_step, "seconds": round(seconds, 1),
+        "overrides": json.dumps(cell.overrides), "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }  # fmt: skip
+    scalars["test_epoch/acc"] = epoch_tests
+    curves = [
+        {"cell": cell.name, "seed": seed, "tag": tag, "step": step, "value": f"{value:.6g}"}
+        for tag, series in scalars.items()
+        if not tag.startswith(("epoch", "hparams/"))
+        for step, value in series
+    ]
+    model = cli.config.fit.model.as_dict()
+    metrics = {f"hparams/{k}": float(row[k]) for k in report.RESULT_FIELDS[3:9]}  # TensorBoard's HPARAMS tab
+    logger.log_hyperparams({"cell": cell.name, "seed": seed, "max_epochs": row["max_epochs"], "model": model}, metrics)
+    logger.finalize("success")
+    if not keep:
+        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+    return row, curves

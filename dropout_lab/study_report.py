@@ -1,0 +1,298 @@
+"""A study's results: its CSV files, TensorBoard scalars, mean ± std per cell, Welch's t-tests, tables, figure.
+
+The figures themselves are drawn by :mod:`dropout_lab.plots` from the arrays this module builds.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import re
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from dropout_lab import plots
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+    from dropout_lab.studies import Study
+
+__all__ = [
+    "CURVE_FIELDS", "RESULT_FIELDS", "CellStats", "append_rows", "betainc", "holm", "mean_std", "read_rows",
+    "read_scalars", "summarize", "welch_t", "write_report",
+]  # fmt: skip
+
+ALPHA = 0.05
+Rows = list[dict[str, str]]
+RESULT_FIELDS = [
+    "cell", "seed", "max_epochs", "test_acc", "test_loss", "val_acc", "best_val_acc", "train_acc", "gap",
+    "steps", "seconds", "overrides", "finished",
+]  # fmt: skip
+CURVE_FIELDS = ["cell", "seed", "tag", "step", "value"]
+
+
+def read_rows(path: Path) -> list[dict[str, str]]:
+    """The rows of a CSV file written by this module (none if it does not exist)."""
+    with path.open(newline="") if path.exists() else open(os.devnull) as f:
+        return list(csv.DictReader(f))
+
+
+def append_rows(path: Path, fields: list[str], rows: list[dict[str, Any]]) -> None:
+    """Append ``rows`` to a CSV file (header first if new) and force them to disk (flush + fsync)."""
+    new = not path.exists() or path.stat().st_size == 0
+    with path.open("a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        if new:
+            writer.writeheader()
+        writer.writerows(rows)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar series in a TensorBoard run folder (all its event files): ``{tag: [(step, value), ...]}``."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def format_value(value: Any, key: str = "") -> str:
+    """A short, folder-safe text for an override value: ``[0.1, 0.5]`` → ``0.1,0.5``; a config path → its stem."""
+    if isinstance(value, (list, tuple)):
+        return ",".join(format_value(v) for v in value)
+    if isinstance(value, (bool, float)) or value is None:
+        return f"{value:g}" if isinstance(value, float) else str(value).lower()
+    if isinstance(value, dict):
+        return format_value(value.get("class_path", "dict"))
+    text = str(value)
+    if key == "config":
+        return Path(text).stem
+    return text.rsplit(".", 1)[-1] if re.fullmatch(r"[A-Za-z_][\w.]*\.[A-Za-z_]\w*", text) else text
+
+
+def short_keys(keys: list[str]) -> dict[str, str]:
+    """The shortest dotted suffix of each key that no other key shares (``model.init_args.dropouts`` → ``dropouts``)."""
+    out = {}
+    for key in keys:
+        parts = key.split(".")
+        for n in range(1, len(parts) + 1):
+            suffix = ".".join(parts[-n:])
+            if not any(o != key and (o == suffix or o.endswith("." + suffix)) for o in keys):
+                break
+        out[key] = suffix
+    return out
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (n − 1 in the denominator; 0 for a single value)."""
+    n = len(values)
+    mean = sum(values) / n
+    return mean, (math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0)
+
+
+def betainc(a: float, b: float, x: float) -> float:
+    """The regularized incomplete beta function I_x(a, b) (continued fraction, Numerical Recipes §6.4)."""
+    if x <= 0.0 or x >= 1.0:
+        return max(0.0, min(1.0, x))
+    if x > (a + 1.0) / (a + b + 2.0):
+        return 1.0 - betainc(b, a, 1.0 - x)
+    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)) / a
+    tiny, c, d, f = 1e-300, 1.0, 0.0, 1.0
+    for i in range(400):
+        m = i // 2
+        if i == 0:
+            num = 1.0
+        elif i % 2 == 0:
+            num = m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m))
+        else:
+            num = -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))
+        d, c = 1.0 + num * d, 1.0 + num / c
+        d, c = 1.0 / (d if abs(d) > tiny else tiny), (c if abs(c) > tiny else tiny)
+        f *= c * d
+        if abs(1.0 - c * d) < 1e-14:
+            break
+    return front * (f - 1.0)
+
+
+def welch_t(a: Sequence[float], b: Sequence[float]) -> tuple[float, float, float]:
+    """Welch's two-sample t-test (unequal variances): statistic, Welch–Satterthwaite dof, two-sided p-value.
+
+    The p-value is ``I_{df/(df+t²)}(df/2, 1/2)`` (the t distribution's two tails); no SciPy needed. Two samples
+    without spread give p = 1 when their means are equal and p = 0 otherwise; each sample needs n ≥ 2.
+    """
+    (ma, sa), (mb, sb) = mean_std(a), mean_std(b)
+    if len(a) < 2 or len(b) < 2:
+        return math.nan, math.nan, math.nan
+    va, vb = sa**2 / len(a), sb**2 / len(b)
+    if va + vb == 0.0:
+        return (0.0, math.inf, 1.0) if ma == mb else (math.copysign(math.inf, ma - mb), math.inf, 0.0)
+    t = (ma - mb) / math.sqrt(va + vb)
+    df = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
+    return t, df, betainc(df / 2.0, 0.5, df / (df + t * t))
+
+
+def holm(pvalues: Sequence[float]) -> list[float]:
+    """Holm–Bonferroni adjusted p-values (step-down; family-wise error rate), in the input order."""
+    order = sorted(range(len(pvalues)), key=lambda i: pvalues[i])
+    adjusted, running = [0.0] * len(pvalues), 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(pvalues) - rank) * pvalues[i]))
+        adjusted[i] = running
+    return adjusted
+
+
+@dataclass
+class CellStats:
+    """One cell's runs: test accuracies and final train − val gaps (one per seed), and their summaries."""
+
+    name: str
+    overrides: dict
+    seeds: list[int]
+    accs: list[float]
+    gaps: list[float]
+    seconds: float
+
+    @property
+    def n(self) -> int:
+        """Number of finished seeds."""
+        return len(self.accs)
+
+
+def summarize(study: Study, rows: Rows) -> dict[str, CellStats]:
+    """The finished runs of ``study``'s cells and seeds (other rows are ignored), in the study's cell order."""
+    stats: dict[str, CellStats] = {}
+    by_cell = {c.name: c for c in study.cells}
+    for row in rows:
+        cell, seed = row["cell"], int(row["seed"])
+        if cell not in by_cell or seed not in study.seeds:
+            continue
+        s = stats.setdefault(cell, CellStats(cell, by_cell[cell].overrides, [], [], [], 0.0))
+        s.seeds.append(seed)
+        s.accs.append(float(row["test_acc"]))
+        s.gaps.append(float(row["gap"]))
+        s.seconds += float(row["seconds"])
+    return {c.name: stats[c.name] for c in study.cells if c.name in stats}
+
+
+def _pm(values: Sequence[float], scale: float = 100.0) -> str:
+    mean, std = mean_std(values)
+    return f"{scale * mean:.2f} ± {scale * std:.2f}"
+
+
+def _p(p: float) -> str:
+    return "–" if math.isnan(p) else f"{p:.3f}" if p >= 0.001 else f"{p:.1e}"
+
+
+def _mark(p: float) -> str:
+    return "–" if math.isnan(p) else "**yes**" if p < ALPHA else "no"
+
+
+def tables(study: Study, stats: dict[str, CellStats]) -> str:
+    """The markdown tables: every cell against the baseline, then the study's ``compare`` pairs."""
+    base = stats.get(study.baseline)
+    tests = {n: welch_t(s.accs, base.accs)[2] for n, s in stats.items() if base and n != study.baseline}
+    adjusted = dict(zip(tests, holm(list(tests.values())), strict=True)) if tests else {}
+    lines = [
+        f"| cell | test acc % | train − val gap % | n | Δ vs {study.baseline} (points) | p (Welch) | p (Holm) | "
+        f"p < {ALPHA} |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, s in stats.items():
+        if name == study.baseline or base is None:
+            lines.append(f"| **{name}** (baseline) | {_pm(s.accs)} | {_pm(s.gaps)} | {s.n} | | | | |")
+            continue
+        delta = 100 * (mean_std(s.accs)[0] - mean_std(base.accs)[0])
+        p = tests[name]
+        cols = [name, _pm(s.accs), _pm(s.gaps), s.n, f"{delta:+.2f}", _p(p), _p(adjusted[name]), _mark(p)]
+        lines.append("| " + " | ".join(map(str, cols)) + " |")
+    pairs = [(a, b) for a, b in study.compare if a in stats and b in stats]
+    if pairs:
+        lines += ["", "| A | B | test acc % A | test acc % B | Δ A − B (points) | p (Welch) | p < 0.05 |"]
+        lines.append("|---|---|---|---|---|---|---|")
+        for a, b in pairs:
+            delta = 100 * (mean_std(stats[a].accs)[0] - mean_std(stats[b].accs)[0])
+            p = welch_t(stats[a].accs, stats[b].accs)[2]
+            cols = [a, b, _pm(stats[a].accs), _pm(stats[b].accs), f"{delta:+.2f}", _p(p), _mark(p)]
+            lines.append("| " + " | ".join(cols) + " |")
+    return "\n".join(lines)
+
+
+def series(curves: Rows, tag: str, cells: Sequence[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per cell, the steps and the ``tag`` values of every seed (seeds × points), cut to the shortest seed."""
+    found: dict[str, dict[str, list[tuple[int, float]]]] = defaultdict(lambda: defaultdict(list))
+    for row in curves:
+        if row["tag"] == tag and row["cell"] in cells:
+            found[row["cell"]][row["seed"]].append((int(row["step"]), float(row["value"])))
+    out = {}
+    for cell in cells:
+        runs = [sorted(dict(points).items()) for points in found.get(cell, {}).values()]
+        if runs:
+            n = min(len(r) for r in runs)
+            out[cell] = (np.array([s for s, _ in runs[0][:n]]), np.array([[v for _, v in r[:n]] for r in runs]))
+    return out
+
+
+def _per_epoch(found: dict[str, tuple[np.ndarray, np.ndarray]], scale: float = 1.0, offset: float = 0.0) -> dict:
+    """``series`` of a once-per-epoch tag against the epoch number 1, 2, …, values scaled (``offset + scale·v``)."""
+    return {n: (np.arange(1, a.shape[1] + 1), offset + scale * a) for n, (_, a) in found.items()}
+
+
+def _figure(study: Study, stats: dict[str, CellStats], curves: Rows, rows: Rows) -> Figure:
+    names = list(stats)
+    title = f"{study.name}: {len(study.seeds)} seeds, mean ± std"
+    if study.figure == "bar":
+        base = stats[study.baseline].accs if study.baseline in stats else None
+        pvals = [welch_t(stats[n].accs, base)[2] if base and n != study.baseline else math.nan for n in names]
+        return plots.plot_study_bars({n: stats[n].accs for n in names}, pvals, study.baseline, title, ALPHA)
+    if study.figure == "heatmap":
+        keys = list(study.cells[0].overrides)[:2]
+        accs = {tuple(format_value(s.overrides[k]) for k in keys): s.accs for s in stats.values()}
+        return plots.plot_study_heatmap(accs, [short_keys(keys)[k] for k in keys], title)
+    if study.figure == "curves":
+        train = _per_epoch(series(curves, "train/acc", names), 100)
+        val = _per_epoch(series(curves, "val/acc", names), 100)
+        panels = {"train accuracy % (dropout on)": train, "validation accuracy %": val}
+        panels["train − validation gap (points)"] = {n: (x, train[n][1] - val[n][1]) for n, (x, _) in val.items()}
+        return plots.plot_study_curves(panels, title, xlabel="epoch")
+    if study.figure == "test_error":
+        panels = {
+            "test error %": _per_epoch(series(curves, "test_epoch/acc", names), -100, 100),
+            "validation error %": _per_epoch(series(curves, "val/acc", names), -100, 100),
+        }
+        return plots.plot_study_curves(panels, title, xlabel="epoch")
+    per_epoch = {r["cell"]: int(r["steps"]) / int(r["max_epochs"]) for r in rows}
+    layers = sorted({r["tag"].split("/", 1)[1] for r in curves if r["tag"].startswith("activation_var/")})
+    panels = {}
+    for layer in layers:
+        for kind, prefix in (("train mode", "activation_var"), ("eval mode", "activation_var_eval")):
+            found = series(curves, f"{prefix}/{layer}", names)
+            panels[f"{layer}, {kind}"] = {n: (x / per_epoch[n], a) for n, (x, a) in found.items()}
+    return plots.plot_study_curves(panels, title, xlabel="epoch", log_y=True, columns=2)
+
+
+def write_report(study: Study, rows: Rows, curves: Rows) -> list[Path]:
+    """Write ``<out>/<name>.md`` (the tables) and ``<out>/<name>.png`` (the figure); returns their paths."""
+    stats = summarize(study, rows)
+    if not stats:
+        return []
+    minutes = sum(s.seconds for s in stats.values()) / 60
+    seeds = sorted({seed for s in stats.values() for seed in s.seeds})
+    text = (
+        f"### {study.name}\n\n{tables(study, stats)}\n\n"
+        f"Test accuracy of the best checkpoint (by val/acc); gap = final-epoch train accuracy (dropout on) − "
+        f"validation accuracy. p: Welch's two-sided t-test over seeds {seeds}; Holm = adjusted for the "
+        f"{max(len(stats) - 1, 0)} comparisons with the baseline. Runs' summed time: {minutes:.1f} min.\n"
+    )
+    md, png = study.out / f"{study.name}.md", study.out / f"{study.name}.png"
+    md.write_text(text)
+    _figure(study, stats, curves, rows).savefig(png, dpi=90)
+    return [md, png]

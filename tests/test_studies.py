@@ -1,0 +1,182 @@
+"""The study runner: grid expansion, study files, resume-by-skipping, statistics, and one tiny study end to end."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import pytest
+
+from dropout_lab.cli import main as cli_main
+from dropout_lab.studies import Cell, StudyError, expand_grid, load_study, pending
+from dropout_lab.study_report import (
+    RESULT_FIELDS,
+    append_rows,
+    betainc,
+    format_value,
+    holm,
+    mean_std,
+    read_rows,
+    short_keys,
+    summarize,
+    tables,
+    welch_t,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_study(path: Path, body: str) -> Path:
+    path.write_text(body)
+    return path
+
+
+def test_expand_grid_is_the_product_with_names_from_the_overrides() -> None:
+    cells = expand_grid({"model.init_args.dropouts": [[0.1, 0.5], [0.0, 0.0]], "trainer.max_epochs": [1, 2]})
+    assert [c.name for c in cells] == [
+        "dropouts=0.1,0.5+max_epochs=1",
+        "dropouts=0.1,0.5+max_epochs=2",
+        "dropouts=0,0+max_epochs=1",
+        "dropouts=0,0+max_epochs=2",
+    ]
+    assert cells[1].overrides == {"model.init_args.dropouts": [0.1, 0.5], "trainer.max_epochs": 2}
+    with pytest.raises(StudyError, match=r"grid\.a: expected a non-empty list"):
+        expand_grid({"a": []})
+
+
+def test_short_keys_and_values() -> None:
+    assert short_keys(["model.init_args.p", "data.p", "trainer.max_epochs"]) == {
+        "model.init_args.p": "init_args.p",
+        "data.p": "data.p",
+        "trainer.max_epochs": "max_epochs",
+    }
+    assert format_value(0.0001) == "0.0001"
+    assert format_value("torch.optim.Adam") == "Adam"
+    assert format_value("configs/mlp_scratch.yaml", key="config") == "mlp_scratch"
+
+
+def test_every_study_file_loads() -> None:
+    files = sorted((ROOT / "configs" / "studies").glob("*.yaml"))
+    assert {f.stem for f in files} >= {"swap", "epochs", "variance", "weight_decay", "variants", "hinton"}
+    for path in files:
+        study = load_study(path)
+        assert len(study.seeds) >= 3 and study.baseline in [c.name for c in study.cells]
+        for cell in study.cells:
+            assert (ROOT / cell.overrides.get("config", study.base)).exists()
+    assert len(load_study(ROOT / "configs/studies/weight_decay.yaml").cells) == 12
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ("base: x.yaml\ngrid: {a: [1]}\nsurprise: 1\n", "unknown key"),
+        ("base: x.yaml\n", "exactly one of `grid` or `cells`"),
+        ("base: x.yaml\ngrid: {a: [1]}\nbaseline: nope\n", "no cell named 'nope'"),
+        ("base: x.yaml\ngrid: {a: [1]}\nseeds: [1, 1]\n", "seeds repeat"),
+        ("base: x.yaml\ngrid: {a: [1]}\nfigure: pie\n", "figure: 'pie' is not one of"),
+    ],
+)
+def test_bad_study_files_are_one_line_errors(tmp_path: Path, body: str, message: str, capsys) -> None:
+    path = write_study(tmp_path / "s.yaml", body)
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["study", "--config", str(path), "--dry_run"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err and "\n" not in err
+
+
+def test_pending_skips_finished_pairs(tmp_path: Path) -> None:
+    study = load_study(write_study(tmp_path / "s.yaml", "base: b.yaml\ngrid: {x: [1, 2]}\nseeds: 3\nepochs: 2\n"))
+    done = [{"cell": "x=1", "seed": "0", "max_epochs": "2"}, {"cell": "x=2", "seed": "2", "max_epochs": "2"}]
+    left = [(c.name, s) for c, s in pending(study, done)]
+    assert left == [("x=2", 0), ("x=1", 1), ("x=2", 1), ("x=1", 2)]  # seeds outermost
+    with pytest.raises(StudyError, match="holds runs of max_epochs 5"):
+        pending(study, [{"cell": "x=1", "seed": "0", "max_epochs": "5"}])
+
+
+def test_results_rows_are_appended_and_read_back(tmp_path: Path) -> None:
+    path = tmp_path / "r.csv"
+    append_rows(path, ["cell", "seed"], [{"cell": "a,b", "seed": 0}])
+    append_rows(path, ["cell", "seed"], [{"cell": "c", "seed": 1}])
+    assert read_rows(path) == [{"cell": "a,b", "seed": "0"}, {"cell": "c", "seed": "1"}]
+    assert read_rows(tmp_path / "missing.csv") == []
+
+
+def test_statistics_on_known_numbers() -> None:
+    assert mean_std([1.0, 2.0, 3.0, 4.0]) == pytest.approx((2.5, math.sqrt(5 / 3)))
+    assert betainc(2, 3, 0.5) == pytest.approx(0.6875, abs=1e-12)
+    # reference values from scipy.stats.ttest_ind(a, b, equal_var=False)
+    t, df, p = welch_t([1, 2, 3, 4], [2, 4, 6, 8, 10])
+    assert (t, df, p) == pytest.approx((-2.2514363231593695, 5.520787746170677, 0.06913359319239237), rel=1e-9)
+    t, df, p = welch_t([0.861, 0.858, 0.864], [0.850, 0.853, 0.849])
+    assert (t, p) == pytest.approx((4.901530373260971, 0.010743485935043389), rel=1e-9)
+    assert welch_t([1.0, 1.0], [1.0, 1.0])[2] == 1.0
+    assert math.isnan(welch_t([1.0], [1.0, 2.0])[2])
+    assert holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+
+
+def test_welch_matches_scipy_when_installed() -> None:
+    stats = pytest.importorskip("scipy.stats")
+    a, b = [0.8812, 0.8790, 0.8851, 0.8833, 0.8802], [0.8768, 0.8801, 0.8749]
+    ref = stats.ttest_ind(a, b, equal_var=False)
+    assert welch_t(a, b)[0] == pytest.approx(ref.statistic, rel=1e-9)
+    assert welch_t(a, b)[2] == pytest.approx(ref.pvalue, rel=1e-9)
+
+
+def test_table_marks_significant_cells(tmp_path: Path) -> None:
+    body = "base: b.yaml\ngrid: {x: [1, 2, 3]}\nseeds: 3\ncompare: [['x=2', 'x=3']]\n"
+    study = load_study(write_study(tmp_path / "s.yaml", body))
+    accs = {"x=1": [0.850, 0.853, 0.849], "x=2": [0.861, 0.858, 0.864], "x=3": [0.851, 0.852, 0.850]}
+    rows = [
+        {"cell": c, "seed": str(s), "test_acc": str(a), "gap": "0.01", "seconds": "1"}
+        for c, values in accs.items()
+        for s, a in enumerate(values)
+    ]
+    stats = summarize(study, [*rows, {"cell": "gone", "seed": "0", "test_acc": "1", "gap": "0", "seconds": "1"}])
+    assert list(stats) == ["x=1", "x=2", "x=3"] and stats["x=2"].n == 3
+    text = tables(study, stats)
+    assert "| **x=1** (baseline) | 85.07 ± 0.21 | 1.00 ± 0.00 | 3 |" in text
+    assert "| x=2 | 86.10 ± 0.30 | 1.00 ± 0.00 | 3 | +1.03 | 0.011 | 0.021 | **yes** |" in text
+    assert "| x=3 |" in text and "| no |" in text
+    assert "| x=2 | x=3 | 86.10 ± 0.30 | 85.10 ± 0.10 | +1.00 |" in text
+
+
+def test_tiny_study_end_to_end_and_resume(tmp_path: Path, tv_data_dir: Path, capsys) -> None:
+    body = (
+        f"base: {ROOT / 'configs/mlp.yaml'}\n"
+        "grid:\n  model.init_args.dropouts: [[0.5, 0.5], [0.0, 0.0]]\n"
+        "seeds: 2\nepochs: 2\nfigure: curves\n"
+        "args: ['--trainer.accelerator=cpu', '--trainer.limit_train_batches=2', '--trainer.limit_val_batches=1',\n"
+        "       '--trainer.limit_test_batches=1', '--data.val_size=100', '--data.batch_size=32']\n"
+    )
+    path = write_study(tmp_path / "tiny.yaml", body)
+    out, logs = tmp_path / "out", tmp_path / "logs"
+    argv = ["study", "--config", str(path), "--out", str(out), "--logdir", str(logs), "--", "--data.data_dir"]
+    argv.append(str(tv_data_dir))
+    cli_main(argv)
+    printed = capsys.readouterr().out
+    assert "[4/4] dropouts=0,0 seed 1: test acc" in printed and "ETA" in printed
+    rows = read_rows(out / "results.csv")
+    assert [(r["cell"], r["seed"]) for r in rows] == [
+        ("dropouts=0.5,0.5", "0"), ("dropouts=0,0", "0"), ("dropouts=0.5,0.5", "1"), ("dropouts=0,0", "1"),
+    ]  # fmt: skip
+    assert set(rows[0]) == set(RESULT_FIELDS) and all(r["max_epochs"] == "2" for r in rows)
+    assert (out / "tiny.md").read_text().count("± ") >= 4 and (out / "tiny.png").stat().st_size > 1000
+    run_dir = logs / "tiny" / "dropouts=0,0" / "seed1"
+    assert (run_dir / "config.yaml").exists() and not (run_dir / "checkpoints").exists()
+    from dropout_lab.study_report import read_scalars
+
+    assert {"hparams/test_acc", "val/acc", "train/acc"} <= set(read_scalars(run_dir))
+    # a study killed after 3 runs: only the missing (cell, seed) pair runs again
+    with (out / "results.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=RESULT_FIELDS)
+        writer.writeheader()
+        writer.writerows(rows[:3])
+    cli_main(argv)
+    printed = capsys.readouterr().out
+    assert "3 done, 1 to run" in printed and "[1/1] dropouts=0,0 seed 1" in printed
+    cli_main(argv)
+    assert "4 done, 0 to run" in capsys.readouterr().out
+    assert len(read_rows(out / "results.csv")) == 4
+    assert Cell("x", {}).name == "x"
