@@ -81,7 +81,8 @@ class ClassifierModule(L.LightningModule):
         logits = self(x)
         metric = getattr(self, f"{stage}_acc")
         metric.update(logits, y)
-        self.log(f"{stage}/loss", self.loss_fn(logits, y), on_step=False, on_epoch=True)
+        # every DDP rank evaluates the whole split, so the synced mean equals the single-process one
+        self.log(f"{stage}/loss", self.loss_fn(logits, y), on_step=False, on_epoch=True, sync_dist=True)
         self.log(f"{stage}/acc", metric, on_step=False, on_epoch=True, prog_bar=True)
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:

@@ -158,8 +158,19 @@ class FashionMNISTDataModule(L.LightningDataModule):
         self.device = torch.device("cpu")
 
     def prepare_data(self) -> None:
-        """Find (or unpack, or download) and check the files; assigns no state."""
-        find_or_install(self.data_dir, self.hparams.download)
+        """Find (or unpack, or download) and check the files, and check ``val_size``; assigns no state.
+
+        Runs before the logger creates its run folder, so a bad ``val_size`` leaves nothing behind.
+        """
+        paths = find_or_install(self.data_dir, self.hparams.download)
+        self._check_val_size(paths["train_labels"].stat().st_size - 8)  # IDX label file: 8-byte header, 1 B/label
+
+    def _check_val_size(self, n_train: int) -> None:
+        if self.hparams.val_size >= n_train:
+            raise DataError(
+                f"data.val_size: {self.hparams.val_size} is not smaller than the {n_train} training images; "
+                "choose a smaller --data.val_size (0 = no validation)"
+            )
 
     def setup(self, stage: str) -> None:
         """Load the set once, split it, and (tensor loader) move it to the training device."""
@@ -167,11 +178,7 @@ class FashionMNISTDataModule(L.LightningDataModule):
             return
         arrays = load_arrays(find_or_install(self.data_dir, self.hparams.download, check=False))  # load checks
         n_train = len(arrays.train_labels)
-        if self.hparams.val_size >= n_train:
-            raise DataError(
-                f"data.val_size: {self.hparams.val_size} is not smaller than the {n_train} training images; "
-                "choose a smaller --data.val_size (0 = no validation)"
-            )
+        self._check_val_size(n_train)
         perm = torch.randperm(n_train, generator=torch.Generator().manual_seed(self.hparams.split_seed))
         val_idx, train_idx = perm[: self.hparams.val_size], perm[self.hparams.val_size :]
         train_x = arrays.train_images[train_idx]

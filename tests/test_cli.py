@@ -249,6 +249,12 @@ BAD = [
     pytest.param(["--data.val_size", "600"], "data.val_size", id="val_size_all"),
     pytest.param(["--data.val_size", "100000"], "data.val_size", id="val_size_huge"),
     pytest.param(["--config", "does-not-exist.yaml"], "does-not-exist.yaml", id="missing_config"),
+    pytest.param(["--model.init_args.no_such_option", "1"], "no_such_option", id="unknown_model_key"),
+    pytest.param(["--trainer.no_such_option", "1"], "no_such_option", id="unknown_trainer_key"),
+    pytest.param(["--data.batch_size", "many"], "data.batch_size", id="wrong_type"),
+    pytest.param(["--model.dropouts", "0.5"], "model.dropouts", id="p_not_a_list"),
+    pytest.param(["--ckpt_path", "no-such.ckpt"], "ckpt_path", id="missing_checkpoint"),
+    pytest.param(["--ckpt_path", "last"], "ckpt_path", id="no_last_checkpoint"),
 ]
 
 
@@ -260,6 +266,22 @@ def test_bad_input_names_the_key(extra: list[str], key: str, in_tmp: Path, capsy
     assert "Traceback" not in err
     lines = error_lines(err)
     assert len(lines) == 1 and key in lines[0], err
+    assert not (in_tmp / "logs").exists(), "a rejected run wrote logs"
+
+
+def test_corrupt_data_names_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, idx_kit
+) -> None:
+    gz = tmp_path / "gz"
+    paths = idx_kit.write_set(gz, gz=True)
+    paths["train_labels"].write_bytes(paths["train_labels"].read_bytes()[:-20])  # a truncated gzip file
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(idx.ENV_DIR, str(gz))
+    code, _, err = run_main(["fit", "--config", str(MLP), *local(tmp_path / "run")], capsys)
+    assert code == 2 and "Traceback" not in err, err
+    (line,) = error_lines(err)
+    assert "train-labels-idx1-ubyte" in line, line
+    assert not (tmp_path / "run" / "logs").exists()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA GPU is available here")
