@@ -95,6 +95,11 @@ class DropoutLabCLI(LightningCLI):
         key = f"{self.subcommand}.seed_everything" if self.subcommand else "seed_everything"
         if self.config.get(key) is True:
             inherited = os.environ.get("PL_GLOBAL_SEED", "")
+            if not inherited.isdigit() and _launched_per_process():
+                raise ConfigError(
+                    "seed_everything: true would draw a different seed in every process of this torchrun/SLURM "
+                    "launch; give an integer seed (e.g. --seed_everything 1234)"
+                )
             self.config[key] = int(inherited) if inherited.isdigit() else secrets.randbelow(2**31)
         super()._set_seed()
 
@@ -157,6 +162,12 @@ class DropoutLabCLI(LightningCLI):
         if isinstance(callback, ModelCheckpoint):
             ckpt = callback.best_model_path or callback.last_model_path or None
         self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt)
+
+
+def _launched_per_process() -> bool:
+    """True when an external launcher (torchrun, SLURM) started several processes of this command."""
+    sizes = (os.environ.get(k, "1") for k in ("WORLD_SIZE", "SLURM_NTASKS"))
+    return any(size.isdigit() and int(size) > 1 for size in sizes)
 
 
 _NOISE = (

@@ -214,3 +214,14 @@ def test_drawn_seed_and_provenance_are_saved(in_tmp: Path, capsys: pytest.Captur
     assert info["torch"] == str(torch.__version__) and {"lightning", "deterministic_algorithms"} <= set(info)
     ckpt = torch.load(folder / "checkpoints" / "last.ckpt", weights_only=True)  # tensors and plain types only
     assert ckpt["hyper_parameters"]["dropouts"] == [0.5, 0.5]
+
+
+def test_random_seed_refused_under_an_external_launcher(
+    in_tmp: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    monkeypatch.setenv("WORLD_SIZE", "8")  # as torchrun sets it; each process would draw its own seed
+    code, _, err = run_main(six_epochs(in_tmp, "--seed_everything", "true"), capsys)
+    assert code == 2, err
+    (line,) = error_lines(err)
+    assert line.startswith("error: seed_everything") and "integer seed" in line
+    assert not (in_tmp / "logs").exists()
