@@ -1,0 +1,75 @@
+"""The swap study's 21 d2l MLPs: one PopulationMLP vs 21 sequential DropoutMLP runs, side by side in one process.
+
+Both paths go through the Trainer with the tensor loader (60k training images, ``val_size: 0``, batch 256,
+784-256-256-10, SGD lr 0.1) and time the second epoch of a 2-epoch fit (steady state). The sequential path runs
+``--singles`` single models (default 3) and scales their mean epoch to ``--members`` models; the ratio is
+(members × single epoch) / population epoch, i.e. the speed-up of a study's training epochs. Rounds interleave
+the two paths; the table shows medians.
+
+Usage:
+    python benchmarks/population.py [--members 21] [--singles 3] [--rounds 2] [--data-dir data] [--device auto]
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import sys
+from pathlib import Path
+
+import lightning as L
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from speed import EpochTimer  # noqa: E402
+
+from dropout_lab.data import FashionMNISTDataModule  # noqa: E402
+from dropout_lab.models import DropoutMLP  # noqa: E402
+from dropout_lab.population import PopulationMLP  # noqa: E402
+
+SWAP = [[0.5, 0.5], [0.3, 0.5], [0.5, 0.3], [0.1, 0.5], [0.5, 0.1], [0.1, 0.9], [0.0, 0.0]]
+
+
+def epoch_time(model: L.LightningModule, data_dir: str, accelerator: str) -> float:
+    """Second-epoch wall time of a 2-epoch fit."""
+    timer = EpochTimer()
+    trainer = L.Trainer(accelerator=accelerator, devices=1, max_epochs=2, logger=False, enable_checkpointing=False,
+                        enable_model_summary=False, enable_progress_bar=False, callbacks=[timer])  # fmt: skip
+    trainer.fit(model, FashionMNISTDataModule(data_dir=data_dir, val_size=0))
+    return timer.times[-1]
+
+
+def main() -> None:
+    """Run the comparison and print the table."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--members", type=int, default=21, help="population size (cells × seeds); default 21")
+    parser.add_argument("--singles", type=int, default=3, help="single-model runs timed per round; default 3")
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds; default 2")
+    parser.add_argument("--data-dir", default="data", help="FashionMNIST data_dir; default data")
+    parser.add_argument("--device", default="auto", help="Trainer accelerator: auto, cpu or gpu; default auto")
+    args = parser.parse_args()
+    cells = [SWAP[i % len(SWAP)] for i in range(args.members)]
+    pop_times, single_times = [], []
+    for _ in range(args.rounds):
+        L.seed_everything(0, verbose=False)
+        population = PopulationMLP((256, 256), cells, members_per_cell=1)
+        pop_times.append(epoch_time(population, args.data_dir, args.device))
+        singles = [epoch_time(DropoutMLP(dropouts=cells[i]), args.data_dir, args.device) for i in range(args.singles)]
+        single_times.append(statistics.mean(singles))
+    pop, single = statistics.median(pop_times), statistics.median(single_times)
+    device = torch.cuda.get_device_name(0) if args.device != "cpu" and torch.cuda.is_available() else "CPU"
+    print(f"device: {device} ({platform.machine()}, {torch.get_num_threads()} threads), torch {torch.__version__}")
+    print(f"| path | s/epoch | s per member-epoch | rounds |\n|---|---|---|---|")
+    print(f"| {args.members} × DropoutMLP, sequential (from {args.singles} timed) | {args.members * single:.2f} | "
+          f"{single:.3f} | {', '.join(f'{t:.3f}' for t in single_times)} |")  # fmt: skip
+    print(f"| PopulationMLP, {args.members} members | {pop:.2f} | {pop / args.members:.3f} | "
+          f"{', '.join(f'{t:.3f}' for t in pop_times)} |")  # fmt: skip
+    print(f"speed-up of the population: {args.members * single / pop:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,208 @@
+"""A population of dropout MLPs trained as one LightningModule: stacked weights, batched matmuls.
+
+A study's cells × seeds of one architecture become the members of one :class:`PopulationMLP`. Every member has
+its own initialization, its own per-layer dropout probabilities, its own weight decay and its own dropout masks;
+all members see the same batches. The loss is the sum of the members' mean losses, so each member's gradient is
+exactly the gradient it would get alone (``tests/test_population.py`` trains K independent ``DropoutMLP`` s and the
+population side by side and compares every weight). One optimizer step updates all K members: K times the math
+per launch, which is what a launch-bound GPU needs, and one process instead of K on the CPU.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from jsonargparse.typing import NonNegativeFloat, PositiveInt
+from lightning.pytorch.cli import OptimizerCallable
+from torch import Tensor, nn
+
+from dropout_lab.classifier import ClassifierModule
+from dropout_lab.dropout import StochasticModule
+from dropout_lab.nets import NUM_CLASSES, NUM_INPUTS
+from dropout_lab.types import Probability, check_probability
+
+__all__ = ["MemberDropout", "PopulationMLP", "StackedLinear"]
+
+
+class StackedLinear(nn.Module):
+    """K independent linear layers applied to K stacked inputs (K, B, in) → (K, B, out) with one ``baddbmm``.
+
+    Each member is initialized like ``nn.Linear`` (uniform ±1/√in for weight and bias), from its own generator.
+
+    Args:
+        members: K.
+        in_features: input width.
+        out_features: output width.
+        seeds: one initialization seed per member.
+    """
+
+    def __init__(self, members: int, in_features: int, out_features: int, seeds: Sequence[int]) -> None:
+        super().__init__()
+        bound = 1.0 / math.sqrt(in_features)
+        weight, bias = torch.empty(members, in_features, out_features), torch.empty(members, 1, out_features)
+        for k, seed in enumerate(seeds):
+            g = torch.Generator().manual_seed(int(seed))
+            weight[k].uniform_(-bound, bound, generator=g)
+            bias[k].uniform_(-bound, bound, generator=g)
+        self.weight, self.bias = nn.Parameter(weight), nn.Parameter(bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(K, B, in) → (K, B, out)."""
+        return torch.baddbmm(self.bias, x, self.weight)
+
+    def load_linear(self, k: int, linear: nn.Linear) -> None:
+        """Copy an ``nn.Linear``'s weights into member ``k``."""
+        with torch.no_grad():
+            self.weight[k].copy_(linear.weight.T)
+            self.bias[k, 0].copy_(linear.bias)
+
+
+class MemberDropout(StochasticModule):
+    """Inverted dropout with one probability per member: input (K, B, F), ``p`` a (K,) buffer.
+
+    Args:
+        p: drop probability of each member (0 ≤ p < 1).
+    """
+
+    _repr_fields = ("p_list",)
+
+    def __init__(self, p: Sequence[float]) -> None:
+        super().__init__()
+        for value in p:
+            check_probability(value, "dropouts")
+        self.register_buffer("probs", torch.tensor([float(v) for v in p]), persistent=False)
+        self.p = max(float(v) for v in p)  # the family's scalar p: > 0 iff any member drops
+        self.p_list = [float(v) for v in p]
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Each member's activations dropped with its own p and scaled by 1 / (1 − p)."""
+        if not self.stochastic:
+            return x
+        p = self.probs.view(-1, *([1] * (x.dim() - 1)))
+        keep = torch.rand_like(x) >= p
+        return x * keep / (1.0 - p)
+
+
+class PopulationMLP(ClassifierModule):
+    """``cells × members_per_cell`` dropout MLPs (the d2l architecture) trained together as one module.
+
+    Logs the population means ``train/loss``, ``train/acc``, ``val/acc``, ``test/acc`` and, per member,
+    ``val/acc/<member>`` and ``test/acc/<member>`` with member names ``c<cell>s<seed>``. A ``ClassifierModule``
+    for the CLI's sake, with its own steps (``mc`` and ``predict`` are not supported).
+
+    Args:
+        hidden_sizes: width of each hidden layer (shared by all members).
+        dropouts: per cell, the dropout probability after each hidden layer (e.g. ``[[0.5, 0.5], [0.1, 0.5]]``).
+        weight_decays: per cell, the L2 weight decay (added to the gradients as ``wd · θ``, exactly as
+            ``torch.optim.SGD(weight_decay=wd)`` does); one value applies to every cell.
+        members_per_cell: members (seeds) per cell.
+        init_seed: member ``m`` (cells first, then seeds) is initialized from seed ``init_seed + m``.
+        optimizer: optimizer factory over the stacked parameters (weight decay belongs in ``weight_decays``);
+            null = SGD with lr 0.1.
+    """
+
+    def __init__(
+        self,
+        hidden_sizes: Sequence[PositiveInt] = (256, 256),
+        dropouts: Sequence[Sequence[Probability]] = ((0.5, 0.5),),
+        weight_decays: Sequence[NonNegativeFloat] = (0.0,),
+        members_per_cell: PositiveInt = 3,
+        init_seed: int = 0,
+        optimizer: OptimizerCallable | None = None,
+    ) -> None:
+        super().__init__(optimizer)
+        cells = len(dropouts)
+        if any(len(p) != len(hidden_sizes) for p in dropouts):
+            raise ValueError(f"model.dropouts: every cell needs {len(hidden_sizes)} probabilities, got {dropouts}")
+        if len(weight_decays) not in (1, cells):
+            raise ValueError(f"model.weight_decays: give 1 value or one per cell ({cells}), got {weight_decays}")
+        self.save_hyperparameters(ignore=["optimizer"])
+        self.k = cells * members_per_cell
+        self.names = [f"c{c}s{s}" for c in range(cells) for s in range(members_per_cell)]
+        member_p = [dropouts[m // members_per_cell] for m in range(self.k)]
+        wds = list(weight_decays) * (cells if len(weight_decays) == 1 else 1)
+        self.register_buffer("wd", torch.tensor([wds[m // members_per_cell] for m in range(self.k)]), persistent=False)
+        layers: list[nn.Module] = []
+        width = NUM_INPUTS
+        for i, size in enumerate(hidden_sizes):
+            seeds = [init_seed + m + 1000 * i for m in range(self.k)]
+            layers += [StackedLinear(self.k, width, size, seeds), nn.ReLU(), MemberDropout([p[i] for p in member_p])]
+            width = size
+        layers.append(StackedLinear(self.k, width, NUM_CLASSES, [init_seed + m + 1000 * len(hidden_sizes)
+                                                                  for m in range(self.k)]))  # fmt: skip
+        self.net = nn.Sequential(*layers)
+        self.loss_fn = nn.CrossEntropyLoss(reduction="none")
+        self._sums: dict[str, Tensor] = {}
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Images (B, 1, 28, 28) → logits (K, B, 10), one slice per member."""
+        flat = x.reshape(x.shape[0], -1).to(self.wd.dtype)
+        return self.net(flat.unsqueeze(0).expand(self.k, -1, -1))
+
+    def member_losses(self, logits: Tensor, y: Tensor) -> Tensor:
+        """(K,) mean cross-entropy of each member."""
+        k, b, c = logits.shape
+        return self.loss_fn(logits.reshape(k * b, c), y.repeat(k)).view(k, b).mean(dim=1)
+
+    def _count(self, stage: str, logits: Tensor, y: Tensor, losses: Tensor | None = None) -> None:
+        """Accumulate per-member correct counts (and loss sums) on the device: no host sync per step."""
+        correct = (logits.argmax(dim=-1) == y).sum(dim=1).to(torch.float64)
+        n = torch.tensor(float(y.numel()), dtype=torch.float64, device=y.device)
+        parts = {"correct": correct, "n": n} | ({} if losses is None else {"loss": losses.detach() * y.numel()})
+        for key, value in parts.items():
+            name = f"{stage}/{key}"
+            self._sums[name] = self._sums[name] + value if name in self._sums else value.clone()
+
+    def _log_epoch(self, stage: str) -> None:
+        if f"{stage}/n" not in self._sums:
+            return
+        n = self._sums.pop(f"{stage}/n")
+        acc = self._sums.pop(f"{stage}/correct") / n
+        self.log(f"{stage}/acc", acc.mean().float())
+        if stage != "train":
+            for name, value in zip(self.names, acc.float(), strict=True):
+                self.log(f"{stage}/acc/{name}", value)
+        if f"{stage}/loss" in self._sums:
+            self.log(f"{stage}/loss", (self._sums.pop(f"{stage}/loss") / n).mean().float())
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        """Sum of the members' mean losses plus each member's L2 term ``wd/2 · ‖θ‖²``."""
+        x, y = batch
+        logits = self(x)
+        losses = self.member_losses(logits, y)
+        self._count("train", logits.detach(), y)
+        l2 = sum((self.wd.view(-1, *[1] * (p.dim() - 1)) * p.square()).sum() for p in self.parameters()) / 2
+        if self._log_now():
+            self.log("train/loss", losses.detach().mean(), prog_bar=True)
+        return losses.sum() + l2
+
+    def on_train_epoch_end(self) -> None:
+        """Log the population's mean training accuracy."""
+        self._log_epoch("train")
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        """Accumulate each member's validation accuracy and loss."""
+        x, y = batch
+        logits = self(x)
+        self._count("val", logits, y, self.member_losses(logits, y))
+
+    def on_validation_epoch_end(self) -> None:
+        """Log ``val/acc`` (population mean), ``val/loss`` and ``val/acc/<member>``."""
+        self._log_epoch("val")
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        """Accumulate each member's test accuracy."""
+        x, y = batch
+        logits = self(x)
+        self._count("test", logits, y, self.member_losses(logits, y))
+
+    def on_test_epoch_end(self) -> None:
+        """Log ``test/acc`` (population mean), ``test/loss`` and ``test/acc/<member>``."""
+        self._log_epoch("test")
+
+    def predict_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> dict[str, Tensor]:
+        """Each member's class probabilities (K, B, 10) and the targets."""
+        x, y = batch
+        return {"probs": self(x).softmax(dim=-1), "target": y}

@@ -1,0 +1,101 @@
+"""PopulationMLP: K members trained as one must equal K models trained alone; per-member dropout statistics."""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from conftest import synthetic_cli_args
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from dropout_lab.cli import DropoutLabCLI
+from dropout_lab.models import DropoutMLP
+from dropout_lab.population import MemberDropout, PopulationMLP, StackedLinear
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def batches(n: int = 192, seed: int = 0) -> DataLoader:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, 1, 28, 28, generator=g)
+    y = torch.randint(0, 10, (n,), generator=g)
+    return DataLoader(TensorDataset(x, y), batch_size=64, shuffle=False)
+
+
+def fit(model: L.LightningModule, steps: int) -> None:
+    trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    trainer.fit(model, train_dataloaders=batches())
+
+
+def linears(module: nn.Module) -> list[nn.Linear]:
+    return [m for m in module.modules() if isinstance(m, nn.Linear)]
+
+
+def test_members_train_exactly_like_independent_models() -> None:
+    """No dropout (so no randomness): 2 cells (weight decay 0 and 0.05) × 2 members vs 4 DropoutMLPs."""
+    wds = [0.0, 0.0, 0.05, 0.05]
+    sgd = partial(torch.optim.SGD, lr=0.1, momentum=0.9)
+    singles = []
+    for k, wd in enumerate(wds):
+        torch.manual_seed(100 + k)
+        singles.append(DropoutMLP((32, 16), (0.0, 0.0), optimizer=partial(sgd, weight_decay=wd)))
+    pop = PopulationMLP((32, 16), [(0.0, 0.0), (0.0, 0.0)], [0.0, 0.05], members_per_cell=2, optimizer=sgd)
+    stacked = [m for m in pop.modules() if isinstance(m, StackedLinear)]
+    for k, single in enumerate(singles):
+        for layer, linear in zip(stacked, linears(single), strict=True):
+            layer.load_linear(k, linear)
+    for single in singles:
+        fit(single, steps=6)
+    fit(pop, steps=6)
+    for k, single in enumerate(singles):
+        for layer, linear in zip(stacked, linears(single), strict=True):
+            torch.testing.assert_close(layer.weight[k].T, linear.weight, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(layer.bias[k, 0], linear.bias, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(stacked[0].weight[0], stacked[0].weight[1])  # members start (and stay) distinct
+
+
+def test_member_dropout_rates_and_means() -> None:
+    torch.manual_seed(0)
+    ps = [0.0, 0.1, 0.5, 0.8]
+    layer = MemberDropout(ps).train()
+    n = 200_000
+    out = layer(torch.ones(len(ps), n // 100, 100))
+    for k, p in enumerate(ps):
+        dropped = (out[k] == 0).float().mean().item()
+        assert abs(dropped - p) <= 4 * math.sqrt(p * (1 - p) / n) + 1e-9, (p, dropped)
+        sd = math.sqrt(p / (1 - p) / n)  # std of the mean of inverted-dropout outputs of ones
+        assert abs(out[k].mean().item() - 1.0) <= 4 * sd + 1e-9, (p, out[k].mean().item())
+    assert torch.equal(layer.eval()(torch.ones(4, 3, 5)), torch.ones(4, 3, 5))
+    with pytest.raises(ValueError, match="dropouts"):
+        MemberDropout([0.5, 1.0])
+
+
+def test_masks_differ_between_members_and_steps() -> None:
+    torch.manual_seed(0)
+    layer = MemberDropout([0.5, 0.5]).train()
+    a, b = layer(torch.ones(2, 8, 64)), layer(torch.ones(2, 8, 64))
+    assert not torch.equal(a[0], a[1]) and not torch.equal(a, b)
+
+
+def test_bad_cells_are_rejected() -> None:
+    with pytest.raises(ValueError, match="model.dropouts"):
+        PopulationMLP((32, 16), [(0.5,)])
+    with pytest.raises(ValueError, match="model.weight_decays"):
+        PopulationMLP((32, 16), [(0.5, 0.5)] * 3, [0.0, 0.1])
+
+
+def test_population_config_through_the_cli(gz_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FASHION_MNIST_DIR", str(gz_dir))
+    monkeypatch.chdir(tmp_path)
+    args = synthetic_cli_args(ROOT / "configs" / "population_swap.yaml", tmp_path)
+    cli = DropoutLabCLI(args=["fit", *args, "--trainer.max_epochs", "1", "--model.members_per_cell", "2"])
+    metrics = cli.trainer.callback_metrics
+    assert cli.model.k == 14
+    members = [float(metrics[f"test/acc/c{c}s{s}"]) for c in range(7) for s in range(2)]
+    assert float(metrics["test/acc"]) == pytest.approx(sum(members) / len(members), abs=1e-6)
