@@ -63,7 +63,7 @@ def main() -> None:
     pop, single = statistics.median(pop_times), statistics.median(single_times)
     device = torch.cuda.get_device_name(0) if args.device != "cpu" and torch.cuda.is_available() else "CPU"
     print(f"device: {device} ({platform.machine()}, {torch.get_num_threads()} threads), torch {torch.__version__}")
-    print(f"| path | s/epoch | s per member-epoch | rounds |\n|---|---|---|---|")
+    print("| path | s/epoch | s per member-epoch | rounds |\n|---|---|---|---|")
     print(f"| {args.members} × DropoutMLP, sequential (from {args.singles} timed) | {args.members * single:.2f} | "
           f"{single:.3f} | {', '.join(f'{t:.3f}' for t in single_times)} |")  # fmt: skip
     print(f"| PopulationMLP, {args.members} members | {pop:.2f} | {pop / args.members:.3f} | "

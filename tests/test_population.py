@@ -84,9 +84,9 @@ def test_masks_differ_between_members_and_steps() -> None:
 
 
 def test_bad_cells_are_rejected() -> None:
-    with pytest.raises(ValueError, match="model.dropouts"):
+    with pytest.raises(ValueError, match=r"model\.dropouts"):
         PopulationMLP((32, 16), [(0.5,)])
-    with pytest.raises(ValueError, match="model.weight_decays"):
+    with pytest.raises(ValueError, match=r"model\.weight_decays"):
         PopulationMLP((32, 16), [(0.5, 0.5)] * 3, [0.0, 0.1])
 
 
