@@ -142,7 +142,7 @@ def load_study(path: str | Path, out: str | Path | None = None) -> Study:
 def run_args(study: Study, cell: Cell, seed: int, logdir: Path, extra: list[str] = ()) -> list[str]:  # type: ignore[assignment]
     """The ``fit`` arguments of one run: base config, study args, ``extra``, the cell's overrides, then seed/logger."""
     config = cell.overrides.get("config", study.base)
-    args = ["fit", "--config", str(config), *study.args, *extra]
+    args = ["fit", "--config", str(config), "--test_after_fit=true", *study.args, *extra]
     args += [f"--{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in cell.overrides.items() if k != "config"]
     if study.epochs is not None:
         args.append(f"--trainer.max_epochs={study.epochs}")
@@ -158,7 +158,6 @@ def run_args(study: Study, cell: Cell, seed: int, logdir: Path, extra: list[str]
         f"--trainer.logger.init_args.name={cell.name}",
         f"--trainer.logger.init_args.version=seed{seed}",
         "--trainer.logger.init_args.default_hp_metric=false",
-        "--test_after_fit=true",
     ]
 
 

@@ -61,7 +61,8 @@ def test_every_study_file_loads() -> None:
     assert {f.stem for f in files} >= {"swap", "epochs", "variance", "weight_decay", "variants", "hinton"}
     for path in files:
         study = load_study(path)
-        assert len(study.seeds) >= 3 and study.baseline in [c.name for c in study.cells]
+        assert study.baseline in [c.name for c in study.cells]
+        assert len(study.seeds) >= 3 or "tuning" in path.stem  # the floor, except for one-seed tuning on val
         for cell in study.cells:
             assert (ROOT / cell.overrides.get("config", study.base)).exists()
     assert len(load_study(ROOT / "configs/studies/weight_decay.yaml").cells) == 12
