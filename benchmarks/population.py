@@ -8,6 +8,10 @@ the two paths; the table shows medians.
 
 Usage:
     python benchmarks/population.py [--members 21] [--singles 3] [--rounds 2] [--data-dir data] [--device auto]
+        [--threads N]
+
+On a shared CPU, use ``--threads 1``: with more threads than free cores, OpenMP's spinning makes small
+single-model steps many times slower than the population's large ones, and the ratio says nothing.
 """
 
 from __future__ import annotations
@@ -51,7 +55,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds; default 2")
     parser.add_argument("--data-dir", default="data", help="FashionMNIST data_dir; default data")
     parser.add_argument("--device", default="auto", help="Trainer accelerator: auto, cpu or gpu; default auto")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     cells = [SWAP[i % len(SWAP)] for i in range(args.members)]
     pop_times, single_times = [], []
     for _ in range(args.rounds):
