@@ -10,8 +10,9 @@
 # BASE_IMAGE: torch 2.14.1 from PyPI is a CUDA 13.0 build that brings its own CUDA libraries as pip wheels
 # (cuda-toolkit 13.0.3, cuDNN 9, NCCL), so the base needs only what the NVIDIA container toolkit looks for:
 # CUDA 13.0's `base` image (cudart, compat libraries, NVIDIA_VISIBLE_DEVICES / NVIDIA_DRIVER_CAPABILITIES).
-# The `-runtime-` flavour of the same tag also works but adds a second copy of cuBLAS & co. (~2 GB) that torch
-# never loads. Any Debian/Ubuntu base with python3 >= 3.10 works (the smoke build uses a local Debian bookworm).
+# The `-runtime-` flavour of the same tag would add a second copy of cuBLAS, cuFFT & co. that torch never loads.
+# Other Debian/Ubuntu bases with python3 >= 3.10 can be passed with --build-arg BASE_IMAGE=...; `make docker-smoke`
+# builds on a local Debian bookworm (python 3.11) that way.
 ARG BASE_IMAGE=nvidia/cuda:13.0.2-base-ubuntu24.04
 
 # One stage: the only build-time extras are python3-venv (a few MB) and the package source (~250 kB), while the
@@ -68,7 +69,8 @@ RUN --mount=type=secret,id=ca \
     if [ -s /run/secrets/ca ]; then export SSL_CERT_FILE=/run/secrets/ca; fi; \
     dest=/usr/share/datasets/fashion-mnist; \
     if [ ! -s "$dest/train-images-idx3-ubyte.gz" ]; then \
-        python -c "from torchvision.datasets import FashionMNIST as F; F('/tmp/fm', download=True); F('/tmp/fm', train=False, download=True)" \
+        python -c "from torchvision.datasets import FashionMNIST as F; \
+            F('/tmp/fm', download=True); F('/tmp/fm', train=False, download=True)" \
         && mkdir -p "$dest" && cp /tmp/fm/FashionMNIST/raw/*.gz "$dest"/ && rm -rf /tmp/fm; \
     fi \
     && test -s "$dest/t10k-labels-idx1-ubyte.gz"

@@ -24,8 +24,8 @@ SUDO=""
 START=$SECONDS
 say() { printf '[docker-smoke %4ds] %s\n' "$((SECONDS - START))" "$*"; }
 # overlay, not vfs: vfs copies every layer in full (GBs for a torch image)
-podman() { $SUDO podman --storage-driver overlay "$@"; }
-buildah() { $SUDO buildah --storage-driver overlay "$@"; }
+podman() { ${SUDO:-command} podman --storage-driver overlay "$@"; }
+buildah() { ${SUDO:-command} buildah --storage-driver overlay "$@"; }
 # plain `podman run` fails on this kind of host (rlimits, cgroups); runc with explicit limits works
 prun() { podman run --rm --runtime runc --ulimit nofile=1024:20000 --ulimit nproc=1024:32768 "$@"; }
 
@@ -80,7 +80,8 @@ else
 fi
 
 # 3. build
-args=(--isolation chroot --network host --layers=false --force-rm --build-arg "BASE_IMAGE=$BASE")
+# docker format: the OCI format drops the Dockerfile's SHELL (bash -o pipefail)
+args=(--isolation chroot --network host --format docker --layers=false --force-rm --build-arg "BASE_IMAGE=$BASE")
 [ -s "$CA" ] && args+=(--secret "id=ca,src=$CA")
 indexes="${SMOKE_PIP_INDEXES-$(pip3 config get global.extra-index-url 2>/dev/null || true)}"
 pip_urls=""
@@ -98,7 +99,14 @@ done
 [ -z "$pip_urls" ] || args+=(--build-arg "PIP_EXTRA_INDEX_URL=${pip_urls# }")
 say "building $IMAGE on $BASE${pip_urls:+ (local pip indexes:$pip_urls)}"
 build_start=$SECONDS
-buildah bud "${args[@]}" -t "$IMAGE" .
+# each STEP and the COMMIT stamped with the elapsed time; pip's notes about packages missing from a local index dropped
+buildah bud "${args[@]}" -t "$IMAGE" . 2>&1 | while IFS= read -r line; do
+    case "$line" in
+    STEP* | COMMIT*) say "${line:0:110}" ;;
+    "WARNING: Location 'file://"*"is ignored: it is neither a file nor a directory.") ;;
+    *) printf '%s\n' "$line" ;;
+    esac
+done
 say "built in $((SECONDS - build_start)) s: $(podman image inspect --format '{{.Size}}' "$IMAGE" |
     awk '{printf "%.2f GB", $1 / 1e9}')"
 
