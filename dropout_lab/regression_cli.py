@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +62,7 @@ class CO2CLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         """``checkpoint.*`` configures the checkpoints: by default only the last one (no selection)."""
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
-        parser.set_defaults({"checkpoint.save_last": True, "checkpoint.filename": "step{step}"})
+        parser.set_defaults({"checkpoint.save_last": True, "checkpoint.filename": "{step}"})
 
     def instantiate_classes(self) -> None:
         """Instantiate, turning a constructor's ``ValueError``/``TypeError`` into a one-line config error."""
@@ -98,7 +99,9 @@ def report(
 
     Writes ``co2.png`` (data, mean ± 2 std of each model, the train/extrapolation boundary), ``co2.md``
     (RMSE and mean Gaussian NLL on the held-out years in ppm, mean predictive std on the training years and on
-    the held-out years) and ``co2.json`` into ``out``, and prints the table.
+    the held-out years) and ``co2.json`` into ``out``, and prints the table. The nets' predictive variance is
+    the variance of the T passes plus a homoscedastic noise variance, the mean squared residual of their MC
+    mean on the training years; the "model std" columns leave the noise out (for the GP: its WhiteKernel).
 
     Args:
         relu: checkpoint of the ReLU net, or a config (``configs/co2_relu.yaml``) to train first.
@@ -125,13 +128,13 @@ def report(
         mean, var = (v.double().cpu().numpy() for v in mc_moments(model, x_all, samples))
         mean = mean * dm.y_std + dm.y_mean
         noise = float(np.mean((mean[: len(t_train)] - y_train) ** 2))  # homoscedastic noise: train residuals
-        preds[name] = (mean, np.sqrt(var * dm.y_std**2 + noise))
+        preds[name] = (mean, np.sqrt(var * dm.y_std**2 + noise), np.sqrt(var) * dm.y_std)
         seconds[name] = time.perf_counter() - start
     start = time.perf_counter()
     preds["GP"] = _gp_predict(t_train[::gp_every], y_train[::gp_every], t_all, gp_restarts, seed)
     seconds["GP"] = time.perf_counter() - start
     n = len(t_train)
-    rows = {name: _metrics(mean, std, y_test, n) for name, (mean, std) in preds.items()}
+    rows = {name: _metrics(*pred, y_test, n) for name, pred in preds.items()}
     table = markdown_table(rows, digits=3)
     figure = _plot(t_all, np.concatenate([y_train, y_test]), n, preds, dm.cutoff)
     figure.savefig(folder / "co2.png", dpi=80)
@@ -162,9 +165,10 @@ def _gp_predict(t: np.ndarray, y: np.ndarray, t_all: np.ndarray, restarts: int, 
     from sklearn.gaussian_process import GaussianProcessRegressor
     from sklearn.gaussian_process.kernels import RBF, ExpSineSquared, RationalQuadratic, WhiteKernel
 
+    seasonal = ExpSineSquared(length_scale=1.0, periodicity=1.0, periodicity_bounds="fixed")  # one year
     kernel = (
         50.0**2 * RBF(length_scale=50.0)
-        + 2.0**2 * RBF(length_scale=100.0) * ExpSineSquared(length_scale=1.0, periodicity=1.0)
+        + 2.0**2 * RBF(length_scale=100.0) * seasonal
         + 0.5**2 * RationalQuadratic(length_scale=1.0, alpha=1.0)
         + 0.1**2 * RBF(length_scale=0.1)
         + WhiteKernel(noise_level=0.1**2, noise_level_bounds=(1e-5, 1e5))
@@ -174,18 +178,22 @@ def _gp_predict(t: np.ndarray, y: np.ndarray, t_all: np.ndarray, restarts: int, 
     gp.fit(t.reshape(-1, 1), y - y_mean)
     print(f"GP kernel after fit: {gp.kernel_}")
     mean, std = gp.predict(t_all.reshape(-1, 1), return_std=True)
-    return mean + y_mean, std
+    noise = gp.kernel_.k2.noise_level  # the WhiteKernel, the last term of the sum
+    return mean + y_mean, std, np.sqrt(np.clip(std**2 - noise, 0, None))
 
 
-def _metrics(mean: np.ndarray, std: np.ndarray, y_test: np.ndarray, n_train: int) -> dict[str, float]:
-    """RMSE and mean Gaussian NLL (ppm) on the held-out years; mean predictive std inside/outside the train range."""
+def _metrics(mean: np.ndarray, std: np.ndarray, model_std: np.ndarray, y_test: np.ndarray, n: int) -> dict[str, float]:
+    """RMSE and mean Gaussian NLL (ppm) on the held-out years; mean std (total, model part) inside/outside."""
+    n_train = n
     mu, sd = mean[n_train:], std[n_train:]
     nll = 0.5 * np.log(2 * np.pi * sd**2) + (y_test - mu) ** 2 / (2 * sd**2)
     return {
         "RMSE held-out (ppm)": float(np.sqrt(np.mean((y_test - mu) ** 2))),
-        "NLL held-out": float(nll.mean()),
-        "std train years (ppm)": float(std[:n_train].mean()),
-        "std held-out years (ppm)": float(sd.mean()),
+        "NLL held-out (nats)": float(nll.mean()),
+        "std train (ppm)": float(std[:n_train].mean()),
+        "std held-out (ppm)": float(sd.mean()),
+        "model std train (ppm)": float(model_std[:n_train].mean()),
+        "model std held-out (ppm)": float(model_std[n_train:].mean()),
     }
 
 
@@ -197,7 +205,7 @@ def _plot(t: np.ndarray, y: np.ndarray, n_train: int, preds: dict, cutoff: float
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(len(preds), 1, figsize=(9, 2.6 * len(preds)), sharex=True, sharey=True)
-    for ax, (name, (mean, std)), color in zip(axes, preds.items(), ("C0", "C3", "C2"), strict=True):
+    for ax, (name, (mean, std, _)), color in zip(axes, preds.items(), ("C0", "C3", "C2"), strict=True):
         ax.plot(t[:n_train], y[:n_train], ".", ms=1.5, color="k", label="train")
         ax.plot(t[n_train:], y[n_train:], ".", ms=1.5, color="0.6", label="held out")
         ax.plot(t, mean, color=color, lw=0.8, label=f"{name} mean")
@@ -212,7 +220,8 @@ def _plot(t: np.ndarray, y: np.ndarray, n_train: int, preds: dict, cutoff: float
 
 
 def _report_main(args: list[str]) -> None:
-    parser = ArgumentParser(prog=f"{PROG} report", description=report.__doc__, exit_on_error=False)
+    description = " ".join((report.__doc__ or "").split("Args:")[0].split())
+    parser = ArgumentParser(prog=f"{PROG} report", description=description, exit_on_error=False)
     parser.add_function_arguments(report, as_positional=False)
     config = parser.parse_args(args)
     report(**{k: v for k, v in vars(config).items() if k in report.__annotations__})
@@ -220,6 +229,7 @@ def _report_main(args: list[str]) -> None:
 
 def main(args: list[str]) -> None:
     """Run ``co2 <subcommand> …``; user mistakes end with one ``error:`` line and exit code 2."""
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")  # args come from co2 …
     try:
         if args and args[0] == "report":
             _report_main(list(args[1:]))

@@ -183,3 +183,17 @@ def test_report_end_to_end(tmp_path: Path, capsys) -> None:
     for name in ("ReLU", "Tanh", "GP"):
         assert f"| {name} |" in table
     assert "RMSE held-out (ppm)" in capsys.readouterr().out
+
+
+def test_missing_extra_is_one_error_line(tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "statsmodels" else real_find_spec(name, *a)
+    )
+    with pytest.raises(SystemExit) as exit_info:
+        main(["co2", "fit", "--config", str(RELU), "--trainer.fast_dev_run", "true", *_local(tmp_path)])
+    assert exit_info.value.code == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "pip install -e '.[regression]'" in lines[0], lines
