@@ -124,6 +124,11 @@ class CO2DataModule(L.LightningDataModule):
         """The held-out years in one batch."""
         return self._holdout()
 
+    def predict_dataloader(self) -> DataLoader:
+        """Every week in time order (training years, then held-out years), 512 per batch."""
+        x, y = (torch.cat(pair) for pair in zip(self.splits["train"], self.splits["test"], strict=True))
+        return DataLoader(TensorDataset(x, y), batch_size=512)
+
 
 class MCDropoutRegressor(L.LightningModule):
     """A deep dropout MLP for 1-D regression: ``num_layers`` × (Linear, activation, Dropout), then Linear.

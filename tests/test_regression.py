@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from torch.utils.data import DataLoader, TensorDataset
 
 pytest.importorskip("statsmodels")
@@ -81,7 +82,7 @@ def test_forward_and_mc_shapes() -> None:
     sliced_mean, _ = mc_moments(model, x, T=2000, chunk_size=3)  # fewer rows than inputs: slices of a pass
     batched_mean, _ = mc_moments(model, x, T=2000)
     torch.testing.assert_close(sliced_mean, batched_mean, atol=0.02, rtol=0)
-    out = model.predict_step((x, torch.zeros(7, 1)), 0)
+    out = model.predict_step((x, torch.zeros(7, 1)), 0)  # what `co2 predict` returns per batch
     assert out["mean"].shape == out["var"].shape == out["target"].shape == (7,)
 
 
@@ -170,19 +171,25 @@ def test_report_missing_checkpoint(tmp_path: Path, capsys) -> None:
 
 
 def test_report_end_to_end(tmp_path: Path, capsys) -> None:
-    ckpts = []
-    for config, name in ((RELU, "co2_relu"), (TANH, "co2_tanh")):
-        tiny = ["--trainer.max_steps", "3", "--model.hidden_size", "8", "--model.num_layers", "2"]
-        main(["co2", "fit", "--config", str(config), *tiny, *_local(tmp_path)])
-        ckpts.append(tmp_path / "logs" / name / "version_0" / "checkpoints" / "last.ckpt")
+    """ReLU from a checkpoint, Tanh from a config that the report trains first."""
+    tiny_args = ["--trainer.max_steps", "3", "--model.hidden_size", "8", "--model.num_layers", "2"]
+    main(["co2", "fit", "--config", str(RELU), *tiny_args, *_local(tmp_path)])
+    relu = tmp_path / "logs" / "co2_relu" / "version_0" / "checkpoints" / "last.ckpt"
+    config = yaml.safe_load(TANH.read_text())
+    config["model"].update(hidden_size=8, num_layers=2)
+    config["trainer"].update(max_steps=3, accelerator="cpu", enable_progress_bar=False, default_root_dir=str(tmp_path))
+    config["trainer"]["logger"]["init_args"]["save_dir"] = str(tmp_path / "logs")
+    tanh = tmp_path / "tiny_tanh.yaml"
+    tanh.write_text(yaml.safe_dump(config))
     out = tmp_path / "report"
-    args = ["--relu", str(ckpts[0]), "--tanh", str(ckpts[1]), "--samples", "5", "--gp_every", "40", "--out", str(out)]
+    args = ["--relu", str(relu), "--tanh", str(tanh), "--samples", "5", "--gp_every", "40", "--out", str(out)]
     main(["co2", "report", *args])
     assert {p.name for p in out.iterdir()} == {"co2.png", "co2.md", "co2.json"}
     table = (out / "co2.md").read_text()
     for name in ("ReLU", "Tanh", "GP"):
         assert f"| {name} |" in table
     assert "RMSE held-out (ppm)" in capsys.readouterr().out
+    assert (tmp_path / "logs" / "co2_tanh" / "version_0" / "checkpoints" / "last.ckpt").is_file()
 
 
 def test_missing_extra_is_one_error_line(tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch) -> None:
