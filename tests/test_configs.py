@@ -14,7 +14,8 @@ from dropout_lab.cli import DropoutLabCLI
 from dropout_lab.models import ClassifierModule
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+# the CO2 regression configs run through `python -m dropout_lab co2` (tests/test_regression.py smoke-tests them)
+CONFIGS = sorted(p for p in (ROOT / "configs").glob("*.yaml") if not p.stem.startswith("co2_"))
 
 
 def test_configs_exist() -> None:
