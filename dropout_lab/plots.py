@@ -221,8 +221,10 @@ def plot_study_bars(accs: Mapping[str, Sequence[float]], pvalues: Sequence[float
         ax.plot(np.full(len(v), i), v, "k.", markersize=4)
         if p < alpha:
             ax.annotate("*", (i, v.max()), ha="center", va="bottom", fontsize=14)
-    low, high = min(v.min() for v in values), max(v.max() for v in values)
-    ax.set_ylim(low - 0.3 * (high - low + 0.5), high + 0.25 * (high - low + 0.5))
+    finite = np.concatenate([v[np.isfinite(v)] for v in values])
+    if finite.size:  # (a study run without its test has no accuracies to show)
+        low, high = finite.min(), finite.max()
+        ax.set_ylim(low - 0.3 * (high - low + 0.5), high + 0.25 * (high - low + 0.5))
     ax.set_xticks(range(len(values)), list(accs), rotation=30, ha="right", fontsize="small")
     ax.set_ylabel("test accuracy %")
     ax.set_title(f"{title}; orange = baseline, * = p < {alpha} vs baseline (Welch)", fontsize="medium")

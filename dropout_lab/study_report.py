@@ -152,19 +152,15 @@ def holm(pvalues: Sequence[float]) -> list[float]:
 
 @dataclass
 class CellStats:
-    """One cell's runs: test accuracies and final train − val gaps (one per seed), and their summaries."""
+    """One cell's runs: test accuracies, best validation accuracies and final train − val gaps (one per seed)."""
 
     name: str
     overrides: dict
     seeds: list[int]
     accs: list[float]
+    vals: list[float]
     gaps: list[float]
     seconds: float
-
-    @property
-    def n(self) -> int:
-        """Number of finished seeds."""
-        return len(self.accs)
 
 
 def summarize(study: Study, rows: Rows) -> dict[str, CellStats]:
@@ -175,9 +171,10 @@ def summarize(study: Study, rows: Rows) -> dict[str, CellStats]:
         cell, seed = row["cell"], int(row["seed"])
         if cell not in by_cell or seed not in study.seeds:
             continue
-        s = stats.setdefault(cell, CellStats(cell, by_cell[cell].overrides, [], [], [], 0.0))
+        s = stats.setdefault(cell, CellStats(cell, by_cell[cell].overrides, [], [], [], [], 0.0))
         s.seeds.append(seed)
         s.accs.append(float(row["test_acc"]))
+        s.vals.append(float(row["best_val_acc"]))
         s.gaps.append(float(row["gap"]))
         s.seconds += float(row["seconds"])
     return {c.name: stats[c.name] for c in study.cells if c.name in stats}
@@ -202,17 +199,20 @@ def tables(study: Study, stats: dict[str, CellStats]) -> str:
     tests = {n: welch_t(s.accs, base.accs)[2] for n, s in stats.items() if base and n != study.baseline}
     adjusted = dict(zip(tests, holm(list(tests.values())), strict=True)) if tests else {}
     lines = [
-        f"| cell | test acc % | train − val gap % | n | Δ vs {study.baseline} (points) | p (Welch) | p (Holm) | "
-        f"p < {ALPHA} |",
-        "|---|---|---|---|---|---|---|---|",
+        f"| cell | test acc % | best val acc % | train − val gap % | n | Δ test vs {study.baseline} (points) | "
+        f"p (Welch) | p (Holm) | p < {ALPHA} |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, s in stats.items():
         if name == study.baseline or base is None:
-            lines.append(f"| **{name}** (baseline) | {_pm(s.accs)} | {_pm(s.gaps)} | {s.n} | | | | |")
+            lines.append(
+                f"| **{name}** (baseline) | {_pm(s.accs)} | {_pm(s.vals)} | {_pm(s.gaps)} | {len(s.seeds)} | | | | |"
+            )
             continue
         delta = 100 * (mean_std(s.accs)[0] - mean_std(base.accs)[0])
         p = tests[name]
-        cols = [name, _pm(s.accs), _pm(s.gaps), s.n, f"{delta:+.2f}", _p(p), _p(adjusted[name]), _mark(p)]
+        cols = [name, _pm(s.accs), _pm(s.vals), _pm(s.gaps), len(s.seeds), f"{delta:+.2f}", _p(p), _p(adjusted[name])]
+        cols.append(_mark(p))
         lines.append("| " + " | ".join(map(str, cols)) + " |")
     pairs = [(a, b) for a, b in study.compare if a in stats and b in stats]
     if pairs:

@@ -130,15 +130,15 @@ def test_table_marks_significant_cells(tmp_path: Path) -> None:
     study = load_study(write_study(tmp_path / "s.yaml", body))
     accs = {"x=1": [0.850, 0.853, 0.849], "x=2": [0.861, 0.858, 0.864], "x=3": [0.851, 0.852, 0.850]}
     rows = [
-        {"cell": c, "seed": str(s), "test_acc": str(a), "gap": "0.01", "seconds": "1"}
+        {"cell": c, "seed": str(s), "test_acc": str(a), "best_val_acc": "0.9", "gap": "0.01", "seconds": "1"}
         for c, values in accs.items()
         for s, a in enumerate(values)
     ]
-    stats = summarize(study, [*rows, {"cell": "gone", "seed": "0", "test_acc": "1", "gap": "0", "seconds": "1"}])
-    assert list(stats) == ["x=1", "x=2", "x=3"] and stats["x=2"].n == 3
+    stats = summarize(study, [*rows, {**rows[0], "cell": "gone"}])
+    assert list(stats) == ["x=1", "x=2", "x=3"] and stats["x=2"].seeds == [0, 1, 2]
     text = tables(study, stats)
-    assert "| **x=1** (baseline) | 85.07 ± 0.21 | 1.00 ± 0.00 | 3 |" in text
-    assert "| x=2 | 86.10 ± 0.30 | 1.00 ± 0.00 | 3 | +1.03 | 0.011 | 0.021 | **yes** |" in text
+    assert "| **x=1** (baseline) | 85.07 ± 0.21 | 90.00 ± 0.00 | 1.00 ± 0.00 | 3 |" in text
+    assert "| x=2 | 86.10 ± 0.30 | 90.00 ± 0.00 | 1.00 ± 0.00 | 3 | +1.03 | 0.011 | 0.021 | **yes** |" in text
     assert "| x=3 |" in text and "| no |" in text
     assert "| x=2 | x=3 | 86.10 ± 0.30 | 85.10 ± 0.10 | +1.00 |" in text
 
