@@ -96,6 +96,6 @@ def test_population_config_through_the_cli(gz_dir: Path, tmp_path: Path, monkeyp
     args = synthetic_cli_args(ROOT / "configs" / "population_swap.yaml", tmp_path)
     cli = DropoutLabCLI(args=["fit", *args, "--trainer.max_epochs", "1", "--model.members_per_cell", "2"])
     metrics = cli.trainer.callback_metrics
-    assert cli.model.k == 14
-    members = [float(metrics[f"test/acc/c{c}s{s}"]) for c in range(7) for s in range(2)]
+    assert cli.model.k == 16
+    members = [float(metrics[f"test/acc/c{c}s{s}"]) for c in range(8) for s in range(2)]
     assert float(metrics["test/acc"]) == pytest.approx(sum(members) / len(members), abs=1e-6)
