@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 from jsonargparse.typing import NonNegativeFloat, PositiveInt
 from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor, nn
 
 from dropout_lab.classifier import ClassifierModule
@@ -85,6 +87,11 @@ class MemberDropout(StochasticModule):
         return x * keep / (1.0 - p)
 
 
+def _best(name: str) -> str:
+    """Buffer name of a parameter's best-validation copy."""
+    return "best_" + name.replace(".", "_")
+
+
 class PopulationMLP(ClassifierModule):
     """``cells × members_per_cell`` dropout MLPs (the d2l architecture) trained together as one module.
 
@@ -99,6 +106,9 @@ class PopulationMLP(ClassifierModule):
             ``torch.optim.SGD(weight_decay=wd)`` does); one value applies to every cell.
         members_per_cell: members (seeds) per cell.
         init_seed: member ``m`` (cells first, then seeds) is initialized from seed ``init_seed + m``.
+        test_weights: ``best``: each member is tested with its own weights of its best ``val/acc/<member>``
+            epoch (kept in the module's state, so also in every checkpoint), as a separate run would test its
+            best checkpoint; ``current``: the weights as they are.
         optimizer: optimizer factory over the stacked parameters (weight decay belongs in ``weight_decays``);
             null = SGD with lr 0.1.
     """
@@ -110,6 +120,7 @@ class PopulationMLP(ClassifierModule):
         weight_decays: Sequence[NonNegativeFloat] = (0.0,),
         members_per_cell: PositiveInt = 3,
         init_seed: int = 0,
+        test_weights: Literal["best", "current"] = "best",
         optimizer: OptimizerCallable | None = None,
     ) -> None:
         super().__init__(optimizer)
@@ -135,6 +146,11 @@ class PopulationMLP(ClassifierModule):
         self.net = nn.Sequential(*layers)
         self.loss_fn = nn.CrossEntropyLoss(reduction="none")
         self._sums: dict[str, Tensor] = {}
+        self.test_weights = test_weights
+        self.register_buffer("best_val_acc", torch.full((self.k,), -1.0))
+        for name, param in self.named_parameters():
+            self.register_buffer(_best(name), param.detach().clone())
+        self._backup: list[Tensor] = []
 
     def forward(self, x: Tensor) -> Tensor:
         """Images (B, 1, 28, 28) → logits (K, B, 10), one slice per member."""
@@ -160,12 +176,39 @@ class PopulationMLP(ClassifierModule):
             return
         n = self._sums.pop(f"{stage}/n")
         acc = self._sums.pop(f"{stage}/correct") / n
+        if stage == "val" and self.trainer.state.fn == TrainerFn.FITTING and not self.trainer.sanity_checking:
+            self._keep_best(acc.float())
         self.log(f"{stage}/acc", acc.mean().float())
         if stage != "train":
             for name, value in zip(self.names, acc.float(), strict=True):
                 self.log(f"{stage}/acc/{name}", value)
         if f"{stage}/loss" in self._sums:
             self.log(f"{stage}/loss", (self._sums.pop(f"{stage}/loss") / n).mean().float())
+
+    @torch.no_grad()
+    def _keep_best(self, acc: Tensor) -> None:
+        """Copy the weights of every member whose validation accuracy improved into its ``best_*`` buffers."""
+        improved = acc > self.best_val_acc
+        self.best_val_acc.copy_(torch.where(improved, acc, self.best_val_acc))
+        for name, param in self.named_parameters():
+            best = self.get_buffer(_best(name))
+            best.copy_(torch.where(improved.view(-1, *[1] * (param.dim() - 1)), param, best))
+
+    def on_test_epoch_start(self) -> None:
+        """With ``test_weights: best``, swap in each member's best-validation weights (restored after the test)."""
+        if self.test_weights != "best" or not bool((self.best_val_acc >= 0).all()):
+            return
+        with torch.no_grad():
+            for name, param in self.named_parameters():
+                self._backup.append(param.detach().clone())
+                param.copy_(self.get_buffer(_best(name)))
+
+    def on_test_end(self) -> None:
+        """Put the current weights back after a test with the best ones."""
+        with torch.no_grad():
+            for param, saved in zip(self.parameters(), self._backup, strict=False):
+                param.copy_(saved)
+        self._backup = []
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         """Sum of the members' mean losses plus each member's L2 term ``wd/2 · ‖θ‖²``."""

@@ -99,3 +99,23 @@ def test_population_config_through_the_cli(gz_dir: Path, tmp_path: Path, monkeyp
     assert cli.model.k == 16
     members = [float(metrics[f"test/acc/c{c}s{s}"]) for c in range(8) for s in range(2)]
     assert float(metrics["test/acc"]) == pytest.approx(sum(members) / len(members), abs=1e-6)
+
+
+def test_each_member_keeps_its_best_validation_weights() -> None:
+    pop = PopulationMLP((8,), [(0.0,), (0.5,)], members_per_cell=1)
+    first = pop.net[0].weight.detach().clone()
+    pop._keep_best(torch.tensor([0.5, 0.6]))
+    with torch.no_grad():
+        for param in pop.parameters():
+            param.add_(1.0)
+    pop._keep_best(torch.tensor([0.7, 0.4]))  # member 0 improved, member 1 did not
+    best = pop.get_buffer("best_net_0_weight")
+    torch.testing.assert_close(best[0], first[0] + 1.0)
+    torch.testing.assert_close(best[1], first[1])
+    assert pop.best_val_acc.tolist() == pytest.approx([0.7, 0.6])
+    current = pop.net[0].weight.detach().clone()
+    pop.on_test_epoch_start()  # tests run on the best weights ...
+    torch.testing.assert_close(pop.net[0].weight, best)
+    pop.on_test_end()  # ... and training weights come back
+    torch.testing.assert_close(pop.net[0].weight, current)
+    assert "best_net_0_weight" in pop.state_dict()  # kept in checkpoints
