@@ -16,43 +16,22 @@ from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
-import torch
 from jsonargparse.typing import NonNegativeInt, PositiveInt
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from dropout_lab.activation_stats import ACTIVATION_TYPES, activation_variance
 from dropout_lab.dropout import StochasticModule
 from dropout_lab.pending import PendingValues
 
 __all__ = ["ACTIVATION_TYPES", "ActivationVarianceMonitor", "activation_variance"]
 
-ACTIVATION_TYPES: tuple[type[nn.Module], ...] = (
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.RReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
-    nn.Tanh, nn.Sigmoid, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.Softplus, nn.Softsign, nn.Tanhshrink,
-    nn.LogSigmoid, nn.Threshold,
-)  # fmt: skip
-"""The hidden non-linearities watched by default (together with every :class:`StochasticModule`)."""
-
 FIGURE_NAME = "activation_variance.png"
 Kind = Literal["train", "eval"]
 _PREFIX: dict[str, str] = {"train": "activation_var", "eval": "activation_var_eval"}
 _HIST_PREFIX: dict[str, str] = {"train": "activation_hist", "eval": "activation_hist_eval"}
-
-
-def activation_variance(x: Tensor) -> Tensor:
-    """Per-unit variance across the batch, averaged over units, as a 0-dim float tensor on ``x``'s device.
-
-    Every position of a sample is a unit: for (N, D) the D features, for conv maps (N, C, H, W) each (c, h, w).
-    The variance is the population one (``correction=0``, divide by N): it describes the batch at hand and is
-    defined (0) for a batch of one. No host synchronization.
-    """
-    x = x.detach()
-    x = x.reshape(x.shape[0], -1) if x.dim() > 1 else x.unsqueeze(1)
-    if x.dtype != torch.float64:
-        x = x.float()
-    return x.var(dim=0, correction=0).mean()
 
 
 class ActivationVarianceMonitor(L.Callback):
