@@ -127,7 +127,7 @@ class DropoutLabCLI(LightningCLI):
             config.checkpoint.monitor = None
         if "ckpt_path" in config:
             try:
-                resolve_ckpt_path(config)
+                resolve_ckpt_path(config, continue_run=self.subcommand == "fit")
             except FileNotFoundError as err:
                 raise ConfigError(str(err)) from None
 

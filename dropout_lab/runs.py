@@ -89,12 +89,14 @@ def _logger_args(config: Any) -> Any | None:
     return None
 
 
-def resolve_ckpt_path(config: Any) -> None:
+def resolve_ckpt_path(config: Any, continue_run: bool = True) -> None:
     """Resolve ``ckpt_path: last`` to the newest run's ``last.ckpt``; log a resumed run into its own folder.
 
     ``last`` is looked up as ``<save_dir>/<name>/version_*/checkpoints/last.ckpt`` of the configured logger
-    (the newest file wins). When the checkpoint lies in such a run folder and the logger's version is not set,
-    the version is set to that folder's, so the resumed run continues the same TensorBoard run.
+    (the newest file wins). With ``continue_run`` (``fit``: resuming), when the checkpoint lies in such a run
+    folder and the logger's version is not set, the version is set to that folder's, so the resumed run continues
+    the same TensorBoard run. ``test``/``validate``/``predict`` log to a new folder and leave the run's own
+    ``config.yaml`` alone.
 
     Raises:
         FileNotFoundError: ``last`` was asked for and no run of this config has a ``last.ckpt``.
@@ -119,7 +121,7 @@ def resolve_ckpt_path(config: Any) -> None:
     path = Path(ckpt)
     if ckpt not in ("best", "hpc", "registry") and not path.is_file():
         raise FileNotFoundError(f"ckpt_path: no checkpoint file at {ckpt}; pass an existing .ckpt file or 'last'")
-    if path.parent.name == "checkpoints" and path.parent.parent.parent.resolve() == run_root.resolve():
+    if continue_run and path.parent.name == "checkpoints" and path.parent.parent.parent.resolve() == run_root.resolve():
         folder = path.parent.parent.name
         if logger.get("version") is None and folder.startswith("version_"):
             logger.version = int(folder.removeprefix("version_")) if folder[8:].isdigit() else folder

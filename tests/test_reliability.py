@@ -225,3 +225,14 @@ def test_random_seed_refused_under_an_external_launcher(
     (line,) = error_lines(err)
     assert line.startswith("error: seed_everything") and "integer seed" in line
     assert not (in_tmp / "logs").exists()
+
+
+def test_testing_a_run_leaves_its_folder_alone(in_tmp: Path, capsys: pytest.CaptureFixture) -> None:
+    from dropout_lab.cli import main
+
+    main([*six_epochs(in_tmp, "--trainer.max_epochs", "1")])
+    (folder,) = (in_tmp / "logs").glob("*/version_*")
+    saved = (folder / "config.yaml").read_text()
+    main(["test", "--config", str(folder / "config.yaml"), "--ckpt_path", str(folder / "checkpoints" / "last.ckpt")])
+    assert (folder / "config.yaml").read_text() == saved  # the fit's config, not the test's
+    assert len(list((in_tmp / "logs").glob("*/version_*"))) == 2  # the test logged to a folder of its own
