@@ -225,21 +225,15 @@ class PopulationMLP(ClassifierModule):
         """Log the population's mean training accuracy."""
         self._log_epoch("train")
 
-    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        """Accumulate each member's validation accuracy and loss."""
+    def _eval_step(self, batch: tuple[Tensor, Tensor], stage: str) -> None:
+        """Accumulate each member's accuracy and loss (the base class's validation/test steps call this)."""
         x, y = batch
         logits = self(x)
-        self._count("val", logits, y, self.member_losses(logits, y))
+        self._count(stage, logits, y, self.member_losses(logits, y))
 
     def on_validation_epoch_end(self) -> None:
         """Log ``val/acc`` (population mean), ``val/loss`` and ``val/acc/<member>``."""
         self._log_epoch("val")
-
-    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        """Accumulate each member's test accuracy."""
-        x, y = batch
-        logits = self(x)
-        self._count("test", logits, y, self.member_losses(logits, y))
 
     def on_test_epoch_end(self) -> None:
         """Log ``test/acc`` (population mean), ``test/loss`` and ``test/acc/<member>``."""
