@@ -14,6 +14,7 @@ import torch
 from jsonargparse.typing import NonNegativeInt, PositiveInt
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from dropout_lab.augment import BatchAugment
 from dropout_lab.idx import DataError, find_or_install, load_arrays
 
 __all__ = ["EpochPermutation", "FashionMNISTDataModule", "TensorBatchLoader", "epoch_generator"]
@@ -21,9 +22,13 @@ __all__ = ["EpochPermutation", "FashionMNISTDataModule", "TensorBatchLoader", "e
 Batch = tuple[torch.Tensor, torch.Tensor]
 
 
-def epoch_generator(seed: int, epoch: int) -> torch.Generator:
-    """A CPU generator seeded by (seed, epoch), so an epoch's order does not depend on what ran before it."""
-    state = np.random.SeedSequence([seed & 0xFFFFFFFF, epoch]).generate_state(2, dtype=np.uint32)
+def epoch_generator(seed: int, epoch: int, stream: int = 0) -> torch.Generator:
+    """A CPU generator seeded by (seed, epoch), so an epoch's draws do not depend on what ran before it.
+
+    ``stream`` selects an independent sequence for the same (seed, epoch): 0 = sample order, 1 = augmentation.
+    """
+    entropy = [seed & 0xFFFFFFFF, epoch] + ([stream] if stream else [])
+    state = np.random.SeedSequence(entropy).generate_state(2, dtype=np.uint32)
     return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
 
 
@@ -52,6 +57,10 @@ class EpochPermutation:
         """Samples this rank sees per epoch."""
         return math.ceil(self.n / self.world_size)
 
+    def generator(self, stream: int) -> torch.Generator:
+        """A generator for another random stream of the current epoch (e.g. augmentation draws)."""
+        return epoch_generator(self.seed, self.epoch, stream)
+
     def indices(self) -> torch.Tensor:
         """This rank's indices for the current epoch (int64, on the CPU)."""
         if self.shuffle:
@@ -79,6 +88,8 @@ class TensorBatchLoader:
         sampler: the per-epoch order (exposed as ``.sampler`` so Lightning's ``set_epoch`` call reaches it).
         mean: subtracted after scaling pixels to [0, 1].
         std: divides after subtracting ``mean``.
+        augment: random flips/translations applied to each batch (training only); draws depend on
+            (seed, epoch) alone.
     """
 
     def __init__(
@@ -89,8 +100,10 @@ class TensorBatchLoader:
         sampler: EpochPermutation,
         mean: float = 0.0,
         std: float = 1.0,
+        augment: BatchAugment | None = None,
     ) -> None:
         self.images, self.labels, self.batch_size, self.sampler = images, labels, batch_size, sampler
+        self.augment = augment if augment is not None and augment.active else None
         self.batch_sampler = None  # Lightning inspects it; the order comes from ``sampler``
         self.scale = 1.0 / (255.0 * std)
         self.shift = mean / std
@@ -100,18 +113,31 @@ class TensorBatchLoader:
 
     def __iter__(self) -> Iterator[Batch]:
         order = self.sampler.indices().to(self.images.device, non_blocking=True)
-        for idx in order.split(self.batch_size):
-            x = self.images[idx].unsqueeze(1).to(torch.float32).mul_(self.scale)
+        draws = None
+        if self.augment is not None:
+            draws = self.augment.draw(len(order), self.sampler.generator(stream=1)).to(self.images.device)
+        for start, idx in zip(range(0, len(order), self.batch_size), order.split(self.batch_size), strict=True):
+            images = self.images[idx]
+            if draws is not None:
+                images = self.augment.apply(images, draws.slice(start, start + len(idx)))
+            x = images.unsqueeze(1).to(torch.float32).mul_(self.scale)
             if self.shift:
                 x.sub_(self.shift)
             yield x, self.labels[idx]
 
 
-def _torchvision_dataset(data_dir: Path, split: str, index: torch.Tensor | None, mean: float, std: float) -> Dataset:
+def _torchvision_dataset(
+    data_dir: Path, split: str, index: torch.Tensor | None, mean: float, std: float, augment: BatchAugment
+) -> Dataset:
     """Torchvision's own per-image ``FashionMNIST`` dataset (PIL + transforms), for ``loader: torch``."""
     from torchvision import datasets, transforms
 
-    transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((mean,), (std,))])
+    steps: list = []
+    if split == "train" and augment.hflip:
+        steps.append(transforms.RandomHorizontalFlip())
+    if split == "train" and augment.max_shift:
+        steps.append(transforms.RandomCrop(28, padding=augment.max_shift))
+    transform = transforms.Compose([*steps, transforms.ToTensor(), transforms.Normalize((mean,), (std,))])
     dataset = datasets.FashionMNIST(str(data_dir), train=split != "test", transform=transform)
     return dataset if index is None else Subset(dataset, index.tolist())
 
@@ -136,6 +162,9 @@ class FashionMNISTDataModule(L.LightningDataModule):
             mean and std.
         shuffle_seed: seed of the per-epoch training order; null = the run's ``seed_everything`` value.
         split_seed: seed of the train/validation split (fixed, so every run validates on the same images).
+        hflip: training augmentation: mirror each training image left-right with probability 1/2.
+        max_shift: training augmentation: translate each training image by up to this many pixels along each
+            axis (uniform integers, zero fill); 0 = off. Validation and test images are never augmented.
     """
 
     def __init__(
@@ -149,9 +178,12 @@ class FashionMNISTDataModule(L.LightningDataModule):
         normalize: bool = False,
         shuffle_seed: int | None = None,
         split_seed: int = 0,
+        hflip: bool = False,
+        max_shift: NonNegativeInt = 0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        self.augment = BatchAugment(hflip, max_shift)
         self.data_dir = Path(data_dir)
         self.splits: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.mean, self.std = 0.0, 1.0
@@ -202,7 +234,7 @@ class FashionMNISTDataModule(L.LightningDataModule):
         train = split == "train"
         if self.hparams.loader == "torch":
             return DataLoader(
-                _torchvision_dataset(self.data_dir, split, self.split_index[split], self.mean, self.std),
+                _torchvision_dataset(self.data_dir, split, self.split_index[split], self.mean, self.std, self.augment),
                 batch_size=self.hparams.batch_size,
                 shuffle=train,
                 num_workers=self.hparams.num_workers,
@@ -211,7 +243,8 @@ class FashionMNISTDataModule(L.LightningDataModule):
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if train and self.trainer else (0, 1)
         seed = self.hparams.shuffle_seed if self.hparams.shuffle_seed is not None else _run_seed()
         sampler = EpochPermutation(len(labels), shuffle=train, seed=seed, rank=rank, world_size=world)
-        return TensorBatchLoader(images, labels, self.hparams.batch_size, sampler, self.mean, self.std)
+        augment = self.augment if train else None
+        return TensorBatchLoader(images, labels, self.hparams.batch_size, sampler, self.mean, self.std, augment)
 
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
         """Fast path for ``(x, y)`` pairs (a no-op when the tensor loader already holds them on the device)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+import torch
 from jsonargparse.typing import NonNegativeFloat, PositiveFloat, PositiveInt
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
@@ -196,6 +197,8 @@ class LeNet(ClassifierModule):
         channels: output channels of the two conv layers.
         hidden: width of the hidden dense layer.
         scratch_channel_dropout: use the scratch channel-wise dropout instead of ``nn.Dropout2d``'s kernel.
+        channels_last: keep conv weights and activations in channels-last (NHWC) memory: the same math, a
+            different layout; about 1.3× faster training on an x86 CPU (oneDNN), see the README.
         optimizer: optimizer factory (e.g. ``torch.optim.SGD`` with ``lr``); null = SGD with lr 0.1.
         lr_scheduler: optional learning-rate scheduler factory, stepped once per epoch.
     """
@@ -207,6 +210,7 @@ class LeNet(ClassifierModule):
         channels: Sequence[PositiveInt] = (20, 50),
         hidden: PositiveInt = 500,
         scratch_channel_dropout: bool = False,
+        channels_last: bool = False,
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
@@ -221,3 +225,9 @@ class LeNet(ClassifierModule):
         )
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self.net = lenet(conv_dropouts, dense_dropout, channels, hidden, scratch_channel_dropout)
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.net.to(memory_format=self.memory_format)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits (B, 10) for images (B, 1, 28, 28), in the configured memory format."""
+        return self.net(x.contiguous(memory_format=self.memory_format))

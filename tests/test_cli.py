@@ -248,6 +248,7 @@ BAD = [
     pytest.param(["--data.loader", "numpy"], "data.loader", id="loader"),
     pytest.param(["--data.val_size", "600"], "data.val_size", id="val_size_all"),
     pytest.param(["--data.val_size", "100000"], "data.val_size", id="val_size_huge"),
+    pytest.param(["--data.max_shift", "15"], "data.max_shift", id="shift_too_large"),
     pytest.param(["--config", "does-not-exist.yaml"], "does-not-exist.yaml", id="missing_config"),
     pytest.param(["--model.init_args.no_such_option", "1"], "no_such_option", id="unknown_model_key"),
     pytest.param(["--trainer.no_such_option", "1"], "no_such_option", id="unknown_trainer_key"),
