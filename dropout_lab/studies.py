@@ -1,8 +1,9 @@
 """Studies: a grid of config overrides × seeds, every run a normal ``fit`` + ``test`` of :class:`DropoutLabCLI`.
 
-``python -m dropout_lab study --config configs/studies/swap.yaml`` runs each (cell, seed) in this process through
-the CLI, appends its metrics to ``results.csv`` and curves to ``curves.csv`` as it finishes (a killed study
-resumes by skipping finished pairs), then writes table and figure (:mod:`dropout_lab.study_report`). Study file
+``python -m dropout_lab study --config configs/studies/swap.yaml`` runs each (cell, seed) through the CLI
+(:mod:`dropout_lab.study_runner`; ``--jobs N`` runs N at once), appends its metrics to ``results.csv`` and
+curves to ``curves.csv`` as it finishes (a killed study resumes by skipping finished pairs), then writes table
+and figure (:mod:`dropout_lab.study_report`). Study file
 keys: ``base``, ``grid`` (dotted key → values) or ``cells`` (name → overrides; ``config`` swaps the base config),
 ``seeds`` (count or list); optional ``name``, ``out``, ``epochs``, ``baseline``, ``compare`` (pairs of cells),
 ``figure``, ``args`` (CLI options for every run), ``test_every_epoch`` (test every epoch's checkpoint too).
@@ -11,14 +12,10 @@ keys: ``base``, ``grid`` (dotted key → values) or ``cells`` (name → override
 from __future__ import annotations
 
 import argparse
-import contextlib
 import itertools
 import json
-import logging
 import re
-import shutil
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -185,6 +182,13 @@ def _parser() -> argparse.ArgumentParser:
     add("--logdir", default="lightning_logs/studies", help="TensorBoard root: <logdir>/<name>/<cell>/seed<k>")
     add("--seeds", type=int, nargs="+", help="seeds to run instead of the file's (e.g. 0 1 2)")
     add("--epochs", type=int, help="trainer.max_epochs of every run (default: the file's, else the config's)")
+    add(
+        "--jobs",
+        type=int,
+        default=1,
+        help="runs at once, each in its own process with 1/jobs of the CPU "
+        "threads (or sharing the GPU); default 1: one after the other in this process",
+    )
     add("--dry_run", action="store_true", help="list the runs still to do, with their arguments, and stop")
     add("--keep_checkpoints", action="store_true", help="keep each run's checkpoints (default: deleted once recorded)")
     return parser
@@ -202,98 +206,11 @@ def main(argv: list[str] | None = None) -> None:
         if opts.epochs is not None and opts.epochs < 1:
             raise StudyError(f"--epochs: expected a positive integer, got {opts.epochs}")
         study.epochs = opts.epochs or study.epochs
-        run_study(study, Path(opts.logdir), extra, dry_run=opts.dry_run, keep=opts.keep_checkpoints)
+        if opts.jobs < 1:
+            raise StudyError(f"--jobs: expected a positive integer, got {opts.jobs}")
+        from dropout_lab.study_runner import run_study
+
+        run_study(study, Path(opts.logdir), extra, opts.dry_run, opts.keep_checkpoints, opts.jobs)
     except StudyError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
-
-
-def run_study(study: Study, logdir: Path, extra: list[str], dry_run: bool = False, keep: bool = False) -> None:
-    """Run the study's unfinished (cell, seed) pairs, then write its table and figure (see :func:`main`)."""
-    results = study.out / "results.csv"
-    todo = pending(study, report.read_rows(results))
-    total = len(study.cells) * len(study.seeds)
-    print(f"study {study.name}: {len(study.cells)} cells × {len(study.seeds)} seeds = {total} runs; "
-          f"{total - len(todo)} done, {len(todo)} to run; results in {results}", flush=True)  # fmt: skip
-    if len(study.seeds) < MIN_SEEDS:
-        print(f"warning: {len(study.seeds)} seed(s); {MIN_SEEDS} is the floor for the t-tests to mean much", flush=True)
-    if dry_run:
-        for cell, seed in todo:
-            print(f"{cell.name} seed {seed}: " + " ".join(run_args(study, cell, seed, logdir, extra)))
-        return
-    study.out.mkdir(parents=True, exist_ok=True)
-    for name in ("lightning.pytorch", "lightning.fabric"):  # their INFO lines would drown the progress lines
-        logging.getLogger(name).setLevel(logging.WARNING)
-    spent = 0.0
-    for k, (cell, seed) in enumerate(todo, 1):
-        row, curves = run_one(study, cell, seed, logdir, extra, keep)
-        report.append_rows(study.out / "curves.csv", report.CURVE_FIELDS, curves)
-        report.append_rows(results, report.RESULT_FIELDS, [row])  # the row marks the run as finished
-        spent += float(row["seconds"])
-        eta = f"ETA {spent / k * (len(todo) - k) / 60:.1f} min"
-        print(f"[{k}/{len(todo)}] {cell.name} seed {seed}: test acc {float(row['test_acc']):.4f}, "
-              f"gap {float(row['gap']):+.4f}, {row['seconds']} s; {eta}", flush=True)  # fmt: skip
-    for path in report.write_report(study, report.read_rows(results), report.read_rows(study.out / "curves.csv")):
-        print(f"wrote {path}")
-
-
-def _epoch_tests(cli: Any) -> list[tuple[int, float]]:
-    """Test accuracy of every epoch's checkpoint, through the run's own Trainer (its loggers detached)."""
-    cli.trainer.loggers = []
-    out = []
-    for path in sorted(Path(cli.trainer.checkpoint_callback.dirpath).glob("*epoch*.ckpt")):
-        result = cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path=str(path), verbose=False)
-        out.append((int(re.findall(r"epoch(\d+)", path.name)[-1]), float(result[0]["test/acc"])))
-    return out
-
-
-def run_one(study: Study, cell: Cell, seed: int, logdir: Path, extra: list[str], keep: bool) -> tuple[dict, list]:
-    """One ``fit`` + test through :class:`DropoutLabCLI` (see :func:`run_args`); returns its results and curve rows.
-
-    The run's console output goes to ``run.log`` in its TensorBoard folder (removed first if an unfinished
-    attempt left one). Its hyperparameters and final metrics go to TensorBoard's HPARAMS tab.
-    """
-    from jsonargparse import ArgumentError
-    from lightning.fabric.utilities.exceptions import MisconfigurationException
-
-    from dropout_lab.cli import ConfigError, DropoutLabCLI, condense_error
-    from dropout_lab.idx import DataError
-
-    run_dir = logdir / study.name / cell.name / f"seed{seed}"
-    shutil.rmtree(run_dir, ignore_errors=True)
-    run_dir.mkdir(parents=True)
-    start = time.perf_counter()
-    try:
-        with (run_dir / "run.log").open("w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-            cli = DropoutLabCLI(args=run_args(study, cell, seed, logdir, extra))
-            if cli.trainer.interrupted:  # Ctrl-C: Lightning stopped the fit; stop the study without a row
-                raise KeyboardInterrupt
-            final = {k: float(v) for k, v in cli.trainer.callback_metrics.items()}
-            logger = cli.trainer.logger
-            epoch_tests = _epoch_tests(cli) if study.test_every_epoch else []
-    except (DataError, ConfigError, MisconfigurationException, ArgumentError) as err:
-        raise StudyError(f"cell {cell.name}: {condense_error(str(err))}") from None
-    seconds = time.perf_counter() - start
-    scalars = report.read_scalars(run_dir)
-    train, val = scalars.get("train/acc", [(0, float("nan"))]), scalars.get("val/acc", [(0, float("nan"))])
-    row = {
-        "cell": cell.name, "seed": seed, "max_epochs": cli.trainer.max_epochs,
-        "test_acc": final.get("test/acc", float("nan")), "test_loss": final.get("test/loss", float("nan")),
-        "val_acc": val[-1][1], "best_val_acc": max(v for _, v in val), "train_acc": train[-1][1],
-        "gap": train[-1][1] - val[-1][1], "steps": cli.trainer.global_step, "seconds": round(seconds, 1),
-        "overrides": json.dumps(cell.overrides), "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
-    }  # fmt: skip
-    scalars["test_epoch/acc"] = epoch_tests
-    curves = [
-        {"cell": cell.name, "seed": seed, "tag": tag, "step": step, "value": f"{value:.6g}"}
-        for tag, series in scalars.items()
-        if not tag.startswith(("epoch", "hparams/"))
-        for step, value in series
-    ]
-    model = cli.config.fit.model.as_dict()
-    metrics = {f"hparams/{k}": float(row[k]) for k in report.RESULT_FIELDS[3:9]}  # TensorBoard's HPARAMS tab
-    logger.log_hyperparams({"cell": cell.name, "seed": seed, "max_epochs": row["max_epochs"], "model": model}, metrics)
-    logger.finalize("success")
-    if not keep:
-        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
-    return row, curves

@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 
 from dropout_lab.cli import main as cli_main
 from dropout_lab.studies import Cell, StudyError, expand_grid, load_study, pending
@@ -143,18 +144,25 @@ def test_table_marks_significant_cells(tmp_path: Path) -> None:
     assert "| x=2 | x=3 | 86.10 ± 0.30 | 85.10 ± 0.10 | +1.00 |" in text
 
 
+TINY = (
+    f"base: {ROOT / 'configs/mlp.yaml'}\n"
+    "grid:\n  model.init_args.dropouts: [[0.5, 0.5], [0.0, 0.0]]\n"
+    "seeds: 2\nepochs: 2\nfigure: curves\n"
+    "args: ['--trainer.accelerator=cpu', '--trainer.limit_train_batches=2', '--trainer.limit_val_batches=1',\n"
+    "       '--trainer.limit_test_batches=1', '--data.val_size=100', '--data.batch_size=32']\n"
+)
+
+
+def tiny_study(tmp_path: Path, tv_data_dir: Path, out: str = "out") -> tuple[list[str], Path, Path]:
+    """argv of the tiny 2 cells × 2 seeds study on the synthetic set, its out folder and its log root."""
+    path = write_study(tmp_path / "tiny.yaml", TINY)
+    out_dir, logs = tmp_path / out, tmp_path / f"logs_{out}"
+    argv = ["study", "--config", str(path), "--out", str(out_dir), "--logdir", str(logs), "--", "--data.data_dir"]
+    return [*argv, str(tv_data_dir)], out_dir, logs
+
+
 def test_tiny_study_end_to_end_and_resume(tmp_path: Path, tv_data_dir: Path, capsys) -> None:
-    body = (
-        f"base: {ROOT / 'configs/mlp.yaml'}\n"
-        "grid:\n  model.init_args.dropouts: [[0.5, 0.5], [0.0, 0.0]]\n"
-        "seeds: 2\nepochs: 2\nfigure: curves\n"
-        "args: ['--trainer.accelerator=cpu', '--trainer.limit_train_batches=2', '--trainer.limit_val_batches=1',\n"
-        "       '--trainer.limit_test_batches=1', '--data.val_size=100', '--data.batch_size=32']\n"
-    )
-    path = write_study(tmp_path / "tiny.yaml", body)
-    out, logs = tmp_path / "out", tmp_path / "logs"
-    argv = ["study", "--config", str(path), "--out", str(out), "--logdir", str(logs), "--", "--data.data_dir"]
-    argv.append(str(tv_data_dir))
+    argv, out, logs = tiny_study(tmp_path, tv_data_dir)
     cli_main(argv)
     printed = capsys.readouterr().out
     assert "[4/4] dropouts=0,0 seed 1: test acc" in printed and "ETA" in printed
@@ -181,3 +189,25 @@ def test_tiny_study_end_to_end_and_resume(tmp_path: Path, tv_data_dir: Path, cap
     assert "4 done, 0 to run" in capsys.readouterr().out
     assert len(read_rows(out / "results.csv")) == 4
     assert Cell("x", {}).name == "x"
+
+
+def test_jobs_run_the_same_runs_in_worker_processes(
+    tmp_path: Path, tv_data_dir: Path, capsys, monkeypatch, request
+) -> None:
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # --jobs 2 → one thread per worker
+    torch.set_num_threads(1)  # the sequential reference: one thread too, so the runs are bit-identical
+    request.addfinalizer(lambda: torch.set_num_threads(threads))
+    seq_argv, seq_out, _ = tiny_study(tmp_path, tv_data_dir, "seq")
+    cli_main(seq_argv)
+    par_argv, par_out, par_logs = tiny_study(tmp_path, tv_data_dir, "par")
+    cli_main([*par_argv[:1], "--jobs", "2", *par_argv[1:]])
+    printed = capsys.readouterr().out
+    assert "[4/4]" in printed and (par_out / "tiny.md").exists()
+    keys = ("test_acc", "test_loss", "val_acc", "train_acc", "steps")
+
+    def by_pair(out: Path) -> dict:
+        return {(r["cell"], r["seed"]): tuple(r[k] for k in keys) for r in read_rows(out / "results.csv")}
+
+    assert by_pair(par_out) == by_pair(seq_out) and len(by_pair(par_out)) == 4
+    assert (par_logs / "tiny" / "dropouts=0,0" / "seed1" / "run.log").exists()
