@@ -7,12 +7,14 @@ sharing the GPU); only this process appends to ``results.csv`` and ``curves.csv`
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
 import multiprocessing
 import re
 import shutil
 import time
+from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,8 @@ __all__ = ["run_one", "run_study"]
 
 
 def _quiet_lightning() -> None:
+    import lightning.pytorch  # noqa: F401  (importing it sets its loggers to INFO: quiet them after that)
+
     for name in ("lightning.pytorch", "lightning.fabric"):  # their INFO lines would drown the progress lines
         logging.getLogger(name).setLevel(logging.WARNING)
 
@@ -45,6 +49,28 @@ def run_study(
         return
     study.out.mkdir(parents=True, exist_ok=True)
     _quiet_lightning()
+    with _exclusive(study.out):
+        _run_todo(study, todo, logdir, extra, keep, jobs)
+    for path in report.write_report(study, report.read_rows(results), report.read_rows(study.out / "curves.csv")):
+        print(f"wrote {path}")
+
+
+@contextlib.contextmanager
+def _exclusive(out: Path) -> Iterator[None]:
+    """Hold ``<out>/.study.lock`` so that two processes never run (and overwrite) the same study's runs."""
+    with (out / ".study.lock").open("w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise StudyError(f"{out} is in use by another running study; wait for it, or pass another --out") from None
+        yield
+
+
+def _run_todo(
+    study: Study, todo: list[tuple[Cell, int]], logdir: Path, extra: list[str], keep: bool, jobs: int
+) -> None:
+    """Run ``todo``, appending each finished run's rows and printing a progress line with an ETA."""
+    results = study.out / "results.csv"
     start = time.perf_counter()
     for k, (cell, seed, row, curves) in enumerate(_runs(study, todo, logdir, extra, keep, jobs), 1):
         report.append_rows(study.out / "curves.csv", report.CURVE_FIELDS, curves)
@@ -52,8 +78,6 @@ def run_study(
         eta = f"ETA {(time.perf_counter() - start) / k * (len(todo) - k) / 60:.1f} min"
         print(f"[{k}/{len(todo)}] {cell.name} seed {seed}: test acc {float(row['test_acc']):.4f}, "
               f"gap {float(row['gap']):+.4f}, {row['seconds']} s; {eta}", flush=True)  # fmt: skip
-    for path in report.write_report(study, report.read_rows(results), report.read_rows(study.out / "curves.csv")):
-        print(f"wrote {path}")
 
 
 def _runs(study: Study, todo: list[tuple[Cell, int]], logdir: Path, extra: list[str], keep: bool, jobs: int) -> Any:

@@ -211,3 +211,18 @@ def test_jobs_run_the_same_runs_in_worker_processes(
 
     assert by_pair(par_out) == by_pair(seq_out) and len(by_pair(par_out)) == 4
     assert (par_logs / "tiny" / "dropouts=0,0" / "seed1" / "run.log").exists()
+
+
+def test_a_study_in_use_by_another_process_is_refused(tmp_path: Path, tv_data_dir: Path, capsys) -> None:
+    import fcntl
+
+    argv, out, logs = tiny_study(tmp_path, tv_data_dir)
+    out.mkdir()
+    with (out / ".study.lock").open("w") as held:  # what a running study holds
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(SystemExit) as exit_info:
+            cli_main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "in use by another running study" in err and "Traceback" not in err
+    assert not (out / "results.csv").exists() and not logs.exists()
