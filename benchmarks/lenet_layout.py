@@ -93,7 +93,8 @@ def main() -> None:
             times[name].append(time_steps(step, args.steps, device))
     base = statistics.median(times["fp32, contiguous (default)"])
     print(
-        f"device: {device_name(device)}; torch {torch.__version__}; batch {BATCH}; {args.rounds} rounds × {args.steps} steps"
+        f"device: {device_name(device)}; torch {torch.__version__}; batch {BATCH}; "
+        f"{args.rounds} rounds × {args.steps} steps"
     )
     print("| variant | ms/step (median) | speed-up | s/epoch (215 steps) |\n|---|---|---|---|")
     for name, values in times.items():
