@@ -62,7 +62,19 @@ def final(run_dir: Path, tag: str) -> float:
 def start(args: list[str], workdir: Path, env: dict[str, str]) -> subprocess.Popen:
     workdir.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "dropout_lab", *args]
-    return subprocess.Popen(cmd, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        cmd,
+        cwd=workdir,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        preexec_fn=_default_sigint,  # a run started under `cmd &` inherits SIGINT ignored, and Ctrl-C would do nothing
+    )
+
+
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def wait_for(path: Path, process: subprocess.Popen, timeout: float = 240) -> None:
