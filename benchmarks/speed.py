@@ -1,27 +1,40 @@
-"""One-epoch time of the d2l MLP three ways, side by side in one process.
+"""Seconds per training epoch of the d2l MLP or LeNet along every training path, side by side in one process.
 
-(a) the Trainer with ``loader: torch`` (torchvision ``Dataset`` + ``DataLoader``), (b) the Trainer with
-``loader: tensor`` (the default), (c) a bare PyTorch loop over device-resident tensors (the floor). One epoch =
-60k training images (``val_size: 0``), batch 256, 784-256-256-10 ReLU MLP with dropout 0.5/0.5, SGD lr 0.1.
-The paths run interleaved for ``--rounds`` rounds; each round times the second epoch of a 2-epoch run
-(steady state), and the table shows the median. Also measured: the peak RSS of a CPU ``fit`` through the CLI.
+Paths (one epoch = 60k training images, ``val_size: 0``, batch 256, SGD lr 0.1; the MLP is 784-256-256-10 ReLU
+with dropout 0.5/0.5, LeNet the project's default 20/50 LeNet):
+
+* ``trainer, DataLoader(w)``: the Trainer with ``loader: torch`` (torchvision ``Dataset`` + ``DataLoader`` with
+  ``w`` workers);
+* ``trainer, tensor loader``: the Trainer with the default device-resident ``loader: tensor``;
+* ``+ barebones``: the same with ``Trainer(barebones=True)`` (no logging, checkpoints or progress bar);
+* ``+ micro-batches K``: ``data.batch_size = 256·K`` and ``model.micro_batch_size = 256`` (the same updates,
+  one Lightning step per K optimizer steps);
+* ``+ compile(mode)``: the ``CompileModule`` callback; ``+ fused``: ``SGD(fused=True)``;
+* ``bare loop``: a plain PyTorch loop over device-resident tensors, eager, and compiled + fused (the floor).
+
+The paths run interleaved for ``--rounds`` rounds; each round times the last epoch of an ``--epochs``-epoch run
+(steady state: compilation and CUDA-graph recording happen in the first epoch), and the table shows the median
+and the ratio to the bare eager loop. ``--batches N`` times only the first N steps of each epoch and scales to a
+full epoch (for LeNet on a CPU). With ``--rss`` it also measures the peak RSS of a 1-epoch ``fit`` through the CLI.
 
 Usage:
-    python benchmarks/speed.py [--rounds 3] [--data-dir data] [--device auto] [--skip-torch-loader]
+    python benchmarks/speed.py [--model mlp|lenet] [--rounds 3] [--device auto] [--paths NAME ...]
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import platform
-import resource
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
@@ -30,9 +43,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from dropout_lab.classifier import ClassifierModule  # noqa: E402
 from dropout_lab.data import FashionMNISTDataModule  # noqa: E402
 from dropout_lab.idx import find_or_install, load_arrays  # noqa: E402
-from dropout_lab.models import DropoutMLP  # noqa: E402
+from dropout_lab.models import DropoutMLP, LeNet  # noqa: E402
+from dropout_lab.speed import CompileModule  # noqa: E402
+
+BATCH, N_TRAIN = 256, 60_000
 
 
 class EpochTimer(L.Callback):
@@ -55,47 +72,91 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def trainer_epoch(loader: str, data_dir: str, accelerator: str) -> float:
-    """Second-epoch time of a 2-epoch fit through the Trainer, as ``configs/mlp.yaml`` runs it."""
-    L.seed_everything(0, verbose=False)
-    timer = EpochTimer()
-    trainer = L.Trainer(
-        accelerator=accelerator,
-        devices=1,
-        max_epochs=2,
-        logger=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        enable_progress_bar=False,
-        callbacks=[timer],
-        log_every_n_steps=50,
-    )
-    data = FashionMNISTDataModule(data_dir=data_dir, val_size=0, loader=loader)
-    trainer.fit(DropoutMLP(), data)
-    return timer.times[-1]
+def make_model(kind: str, fused: bool = False, micro_batch_size: int | None = None) -> ClassifierModule:
+    """The benchmarked model with SGD lr 0.1 (``fused``: the single-kernel implementation)."""
+
+    def sgd(params: object) -> torch.optim.Optimizer:
+        return torch.optim.SGD(params, lr=0.1, fused=fused or None)
+
+    cls = DropoutMLP if kind == "mlp" else LeNet
+    return cls(optimizer=sgd, micro_batch_size=micro_batch_size)
 
 
-def bare_epoch(data_dir: str, device: torch.device) -> float:
-    """Second-epoch time of a plain PyTorch loop over uint8 tensors on the device (the floor)."""
+@dataclass(frozen=True)
+class TrainerPath:
+    """One way of running ``Trainer.fit``."""
+
+    loader: str = "tensor"
+    workers: int = 0
+    barebones: bool = False
+    micro: int = 1
+    compile: str | None = None
+    fused: bool = False
+
+    def name(self) -> str:
+        """Row label of the table."""
+        base = f"trainer, DataLoader({self.workers} workers)" if self.loader == "torch" else "trainer, tensor loader"
+        extras = [
+            "barebones" if self.barebones else "",
+            f"micro-batches {self.micro}" if self.micro > 1 else "",
+            f"compile({self.compile})" if self.compile else "",
+            "fused" if self.fused else "",
+        ]
+        return " + ".join([base, *[e for e in extras if e]])
+
+    def run(self, args: argparse.Namespace, accelerator: str) -> float:
+        """Steady-epoch seconds of a ``--epochs``-epoch fit, scaled to a full epoch."""
+        torch._dynamo.reset()  # every compiled path starts from an empty cache (no recompile limit carried over)
+        L.seed_everything(0, verbose=False)
+        timer = EpochTimer()
+        switches = {} if self.barebones else {"logger": False, "enable_checkpointing": False}
+        trainer = L.Trainer(
+            accelerator=accelerator,
+            devices=1,
+            max_epochs=args.epochs,
+            barebones=self.barebones,
+            enable_model_summary=False,
+            enable_progress_bar=False,
+            callbacks=[timer, *([CompileModule(mode=self.compile)] if self.compile else [])],
+            limit_train_batches=math.ceil(args.batches / self.micro) if args.batches else None,
+            **switches,
+        )
+        micro = BATCH if self.micro > 1 else None
+        data = FashionMNISTDataModule(
+            data_dir=args.data_dir, val_size=0, loader=self.loader, batch_size=BATCH * self.micro,
+            num_workers=self.workers,
+        )  # fmt: skip
+        trainer.fit(make_model(args.model, self.fused, micro), data)
+        steps = trainer.num_training_batches * self.micro
+        return timer.times[-1] * math.ceil(N_TRAIN / BATCH) / min(steps, math.ceil(N_TRAIN / BATCH))
+
+
+def bare_epoch(args: argparse.Namespace, device: torch.device, compile_mode: str | None, fused: bool) -> float:
+    """Last-epoch seconds of a plain loop over uint8 tensors on the device (eager, or compiled + fused)."""
+    torch._dynamo.reset()
     torch.manual_seed(0)
-    arrays = load_arrays(find_or_install(data_dir))
+    arrays = load_arrays(find_or_install(args.data_dir))
     images, labels = arrays.train_images.to(device), arrays.train_labels.long().to(device)
-    net = DropoutMLP().net.to(device)
-    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+    model = make_model(args.model).to(device)
+    forward: Callable[[torch.Tensor], torch.Tensor] = model
+    if compile_mode:
+        forward = torch.compile(model, mode=compile_mode)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, fused=fused or None)
     loss_fn = torch.nn.CrossEntropyLoss()
+    steps = args.batches or math.ceil(N_TRAIN / BATCH)
     times = []
-    for _ in range(2):
+    for _ in range(args.epochs):
         _sync()
         start = time.perf_counter()
-        for idx in torch.randperm(len(labels), device=device).split(256):
+        for idx in torch.randperm(len(labels), device=device).split(BATCH)[:steps]:
             x = images[idx].unsqueeze(1).to(torch.float32).mul_(1 / 255)
-            loss = loss_fn(net(x), labels[idx])
+            loss = loss_fn(forward(x), labels[idx])
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
         _sync()
         times.append(time.perf_counter() - start)
-    return times[-1]
+    return times[-1] * math.ceil(N_TRAIN / BATCH) / steps
 
 
 _CHILD = """
@@ -123,7 +184,7 @@ def cli_fit_peak_rss_mb(data_dir: str, accelerator: str) -> float:
         "--trainer.enable_progress_bar", "false", "--test_after_fit", "false",
     ]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    done = subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True, text=True, env=env)
+    done = subprocess.run(cmd, check=True, cwd=tmp, capture_output=True, text=True, env=env)
     shutil.rmtree(tmp, ignore_errors=True)
     line = [x for x in done.stderr.splitlines() if x.startswith("PEAK_RSS_KB")][-1]
     return float(line.split()[1]) / 1024
@@ -136,48 +197,69 @@ def device_name(device: torch.device) -> str:
     return f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
 
 
+def build_paths(args: argparse.Namespace, device: torch.device, accelerator: str) -> dict[str, Callable[[], float]]:
+    """Every path of the table, by row label."""
+    graphs = "reduce-overhead" if device.type == "cuda" else "default"  # CUDA graphs exist only on the GPU
+    trainer_paths = [
+        *(TrainerPath(loader="torch", workers=w) for w in args.workers),
+        TrainerPath(),
+        TrainerPath(barebones=True),
+        TrainerPath(micro=args.micro),
+        TrainerPath(compile=graphs, fused=True),
+        TrainerPath(micro=args.micro, compile=graphs, fused=True),
+    ]
+    paths: dict[str, Callable[[], float]] = {p.name(): (lambda p=p: p.run(args, accelerator)) for p in trainer_paths}
+    paths["bare loop, eager"] = lambda: bare_epoch(args, device, None, False)
+    paths[f"bare loop + compile({graphs}) + fused"] = lambda: bare_epoch(args, device, graphs, True)
+    if args.paths:
+        unknown = [name for name in args.paths if name not in paths]
+        if unknown:
+            raise SystemExit(f"--paths: unknown {unknown}; choose from {list(paths)}")
+        paths = {name: paths[name] for name in args.paths}
+    return paths
+
+
 def main() -> None:
-    """Run the three paths interleaved and print the table."""
+    """Run the paths interleaved and print the table."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", choices=["mlp", "lenet"], default="mlp", help="which network to train")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the median is reported")
+    parser.add_argument("--epochs", type=int, default=2, help="epochs per run; the last one is timed")
+    parser.add_argument("--batches", type=int, default=0, help="time only this many steps per epoch (0 = all)")
+    parser.add_argument("--micro", type=int, default=8, help="K of the micro-batch paths (optimizer steps per step)")
+    parser.add_argument("--workers", type=int, nargs="*", default=[0], help="DataLoader paths' worker counts")
+    parser.add_argument("--paths", nargs="*", help="run only these rows (by label)")
     parser.add_argument("--data-dir", default=str(ROOT / "data"), help="FashionMNIST folder (torchvision layout)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "gpu"], help="where to run")
-    parser.add_argument("--skip-torch-loader", action="store_true", help="skip path (a), the slowest")
+    parser.add_argument("--rss", action="store_true", help="also measure the peak RSS of a 1-epoch CLI fit")
     args = parser.parse_args()
     use_gpu = args.device == "gpu" or (args.device == "auto" and torch.cuda.is_available())
     device = torch.device("cuda" if use_gpu else "cpu")
     accelerator = "gpu" if use_gpu else "cpu"
     find_or_install(args.data_dir)
 
-    paths = {
-        "(c) bare loop, device tensors": lambda: bare_epoch(args.data_dir, device),
-        "(b) Trainer, loader: tensor": lambda: trainer_epoch("tensor", args.data_dir, accelerator),
-    }
-    if not args.skip_torch_loader:
-        paths["(a) Trainer, loader: torch (0 workers)"] = lambda: trainer_epoch("torch", args.data_dir, accelerator)
+    paths = build_paths(args, device, accelerator)
     times: dict[str, list[float]] = {name: [] for name in paths}
     for r in range(args.rounds):
         for name, run in paths.items():
             times[name].append(run())
-            print(f"round {r + 1}/{args.rounds}  {name}: {times[name][-1]:.3f} s", file=sys.stderr)
+            print(f"round {r + 1}/{args.rounds}  {name}: {times[name][-1]:.3f} s", file=sys.stderr, flush=True)
     med = {name: statistics.median(t) for name, t in times.items()}
-    rss = cli_fit_peak_rss_mb(args.data_dir, accelerator)
 
     print(f"\ndevice: {device_name(device)}; torch {torch.__version__}, lightning {L.__version__}")
-    print(f"one epoch = 60k images, batch 256, d2l MLP; median of {args.rounds} interleaved rounds\n")
-    print("| path | s/epoch (median) | all rounds |")
-    print("|---|---|---|")
+    scope = f"first {args.batches} steps of each epoch, scaled to 235" if args.batches else "whole epoch"
+    print(
+        f"{args.model}: one epoch = 60k images, batch {BATCH}; last of {args.epochs} epochs ({scope}); "
+        f"median of {args.rounds} interleaved rounds\n"
+    )
+    floor = med.get("bare loop, eager")
+    print("| path | s/epoch (median) | × bare eager loop | all rounds |")
+    print("|---|---|---|---|")
     for name, t in times.items():
-        print(f"| {name} | {med[name]:.3f} | {', '.join(f'{v:.3f}' for v in t)} |")
-    b, c = med["(b) Trainer, loader: tensor"], med["(c) bare loop, device tensors"]
-    print(f"\nratio b/c (Trainer+tensor loader over bare loop): {b / c:.3f}")
-    if not args.skip_torch_loader:
-        print(
-            f"ratio a/b (torch DataLoader over tensor loader): {med['(a) Trainer, loader: torch (0 workers)'] / b:.2f}"
-        )
-    print(f"peak RSS of a 1-epoch CPU fit through the CLI: {rss:.0f} MB")
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"peak RSS of this benchmark process (all paths): {own:.0f} MB")
+        ratio = f"{med[name] / floor:.2f}" if floor else "–"
+        print(f"| {name} | {med[name]:.3f} | {ratio} | {', '.join(f'{v:.3f}' for v in t)} |")
+    if args.rss:
+        print(f"\npeak RSS of a 1-epoch fit through the CLI: {cli_fit_peak_rss_mb(args.data_dir, accelerator):.0f} MB")
 
 
 if __name__ == "__main__":

@@ -29,6 +29,9 @@ class ClassifierModule(L.LightningModule):
     Args:
         optimizer: optimizer factory (e.g. ``torch.optim.SGD`` with ``lr``); null = SGD with lr 0.1.
         lr_scheduler: optional learning-rate scheduler factory, stepped once per epoch.
+        micro_batch_size: split each training batch into micro-batches of this many images, one optimizer step
+            each, in one Lightning step; with data.batch_size = K × micro_batch_size the updates equal those of
+            batch micro_batch_size at 1/K of Lightning's per-step cost (speed option; null = off).
     """
 
     net: nn.Module
@@ -38,10 +41,15 @@ class ClassifierModule(L.LightningModule):
         self,
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
+        micro_batch_size: int | None = None,
     ) -> None:
         super().__init__()
+        if micro_batch_size is not None and micro_batch_size < 1:
+            raise ValueError(f"model.micro_batch_size: must be a positive integer or null, got {micro_batch_size}")
         self.optimizer_factory = optimizer or default_sgd
         self.scheduler_factory = lr_scheduler
+        self.micro_batch_size = micro_batch_size
+        self.automatic_optimization = micro_batch_size is None
         self.loss_fn = nn.CrossEntropyLoss()
         self.train_acc = MulticlassAccuracy(NUM_CLASSES, average="micro", validate_args=False)
         self.val_acc = MulticlassAccuracy(NUM_CLASSES, average="micro", validate_args=False)
@@ -50,6 +58,10 @@ class ClassifierModule(L.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits (B, 10) for images (B, 1, 28, 28)."""
         return self.net(x)
+
+    def _barebones(self) -> bool:
+        """True under ``Trainer(barebones=True)``, where Lightning forbids ``self.log``."""
+        return self._trainer is not None and self.trainer.barebones
 
     def _log_now(self) -> bool:
         """True on the steps where Lightning writes logs (every ``trainer.log_every_n_steps``)."""
@@ -64,23 +76,55 @@ class ClassifierModule(L.LightningModule):
         ``train/acc`` accumulates on the device and is logged once per epoch: no host sync in the step.
         """
         x, y = batch
+        if not self.automatic_optimization:
+            return self._micro_batch_steps(x, y)
         logits = self(x)
         loss = self.loss_fn(logits, y)
         self.train_acc.update(logits.detach(), y)
-        if self._log_now():
+        self._log_train_loss(loss)
+        return loss
+
+    def _log_train_loss(self, loss: torch.Tensor) -> None:
+        if self._log_now() and not self._barebones():
             self.log("train/loss", loss.detach(), on_step=True, on_epoch=False, prog_bar=True)
+
+    def _micro_batch_steps(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """One optimizer step per ``micro_batch_size`` rows of the batch (manual optimization).
+
+        The steps are those automatic optimization makes with ``data.batch_size = micro_batch_size``: the same
+        micro-batches in the same order, each with zeroed gradients, a backward and an optimizer step, and the
+        dropout masks drawn in the same order. Returns the mean micro-batch loss (detached; non-finite if any
+        micro-batch's loss was), which is what ``train/loss`` logs.
+        """
+        optimizer = self.optimizers()
+        losses = []
+        for xs, ys in zip(x.split(self.micro_batch_size), y.split(self.micro_batch_size), strict=True):
+            logits = self(xs)
+            loss = self.loss_fn(logits, ys)
+            optimizer.zero_grad()
+            self.manual_backward(loss)
+            optimizer.step()
+            self.train_acc.update(logits.detach(), ys)
+            losses.append(loss.detach())
+        loss = torch.stack(losses).mean()
+        self._log_train_loss(loss)
         return loss
 
     def on_train_epoch_end(self) -> None:
-        """Log the epoch's training accuracy (``train/acc``)."""
-        self.log("train/acc", self.train_acc.compute())
+        """Log the epoch's training accuracy (``train/acc``); with micro-batches, step the epoch scheduler."""
+        if not self._barebones():
+            self.log("train/acc", self.train_acc.compute())
         self.train_acc.reset()
+        if not self.automatic_optimization and self.scheduler_factory is not None:
+            self.lr_schedulers().step()
 
     def _eval_step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> None:
         x, y = batch
         logits = self(x)
         metric = getattr(self, f"{stage}_acc")
         metric.update(logits, y)
+        if self._barebones():
+            return  # Lightning forbids logging in barebones mode; the metric is still updated
         # every DDP rank evaluates the whole split, so the synced mean equals the single-process one
         self.log(f"{stage}/loss", self.loss_fn(logits, y), on_step=False, on_epoch=True, sync_dist=True)
         self.log(f"{stage}/acc", metric, on_step=False, on_epoch=True, prog_bar=True)

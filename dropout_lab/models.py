@@ -47,6 +47,9 @@ class DropoutMLP(ClassifierModule):
         activation: hidden non-linearity.
         optimizer: optimizer factory (e.g. ``torch.optim.SGD`` with ``lr``); null = SGD with lr 0.1.
         lr_scheduler: optional learning-rate scheduler factory, stepped once per epoch.
+        micro_batch_size: split each training batch into micro-batches of this many images, one optimizer step
+            each, in one Lightning step; with data.batch_size = K × micro_batch_size the updates equal those of
+            batch micro_batch_size at 1/K of Lightning's per-step cost (speed option; null = off).
     """
 
     noise_cls: type[StochasticModule] = Dropout
@@ -59,8 +62,9 @@ class DropoutMLP(ClassifierModule):
         activation: ActivationName = "relu",
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
+        micro_batch_size: PositiveInt | None = None,
     ) -> None:
-        super().__init__(optimizer, lr_scheduler)
+        super().__init__(optimizer, lr_scheduler, micro_batch_size)
         check_probabilities(hidden_sizes, dropouts, input_dropout)
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self.net = mlp(
@@ -82,6 +86,9 @@ class GaussianDropoutMLP(DropoutMLP):
         activation: hidden non-linearity.
         optimizer: optimizer factory (e.g. ``torch.optim.SGD`` with ``lr``); null = SGD with lr 0.1.
         lr_scheduler: optional learning-rate scheduler factory, stepped once per epoch.
+        micro_batch_size: split each training batch into micro-batches of this many images, one optimizer step
+            each, in one Lightning step; with data.batch_size = K × micro_batch_size the updates equal those of
+            batch micro_batch_size at 1/K of Lightning's per-step cost (speed option; null = off).
     """
 
     noise_cls = GaussianDropout
@@ -98,6 +105,9 @@ class ScratchDropoutMLP(ClassifierModule):
             ~ N(0, weight_std²) with zero biases, as in the book's scratch MLP (0.01).
         optimizer: optimizer factory (e.g. ``torch.optim.SGD`` with ``lr``); null = SGD with lr 0.1.
         lr_scheduler: optional learning-rate scheduler factory, stepped once per epoch.
+        micro_batch_size: split each training batch into micro-batches of this many images, one optimizer step
+            each, in one Lightning step; with data.batch_size = K × micro_batch_size the updates equal those of
+            batch micro_batch_size at 1/K of Lightning's per-step cost (speed option; null = off).
     """
 
     def __init__(
@@ -108,8 +118,9 @@ class ScratchDropoutMLP(ClassifierModule):
         weight_std: PositiveFloat | None = None,
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
+        micro_batch_size: PositiveInt | None = None,
     ) -> None:
-        super().__init__(optimizer, lr_scheduler)
+        super().__init__(optimizer, lr_scheduler, micro_batch_size)
         check_probabilities(hidden_sizes, dropouts)
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self.net = ScratchMLP(hidden_sizes, dropouts, activation, weight_std)
@@ -125,6 +136,9 @@ class DropConnectMLP(ClassifierModule):
         per_sample: draw a weight mask per example instead of one per batch (memory: batch × out × in).
         optimizer: optimizer factory (e.g. ``torch.optim.SGD`` with ``lr``); null = SGD with lr 0.1.
         lr_scheduler: optional learning-rate scheduler factory, stepped once per epoch.
+        micro_batch_size: split each training batch into micro-batches of this many images, one optimizer step
+            each, in one Lightning step; with data.batch_size = K × micro_batch_size the updates equal those of
+            batch micro_batch_size at 1/K of Lightning's per-step cost (speed option; null = off).
     """
 
     def __init__(
@@ -135,8 +149,9 @@ class DropConnectMLP(ClassifierModule):
         per_sample: bool = False,
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
+        micro_batch_size: PositiveInt | None = None,
     ) -> None:
-        super().__init__(optimizer, lr_scheduler)
+        super().__init__(optimizer, lr_scheduler, micro_batch_size)
         check_probabilities(hidden_sizes, dropouts)
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self.net = mlp(
@@ -161,6 +176,9 @@ class StochasticActivationMLP(ClassifierModule):
         upper: highest negative slope of ``rrelu``.
         optimizer: optimizer factory (e.g. ``torch.optim.SGD`` with ``lr``); null = SGD with lr 0.1.
         lr_scheduler: optional learning-rate scheduler factory, stepped once per epoch.
+        micro_batch_size: split each training batch into micro-batches of this many images, one optimizer step
+            each, in one Lightning step; with data.batch_size = K × micro_batch_size the updates equal those of
+            batch micro_batch_size at 1/K of Lightning's per-step cost (speed option; null = off).
     """
 
     def __init__(
@@ -173,8 +191,9 @@ class StochasticActivationMLP(ClassifierModule):
         upper: NonNegativeFloat = 1.0 / 3.0,
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
+        micro_batch_size: PositiveInt | None = None,
     ) -> None:
-        super().__init__(optimizer, lr_scheduler)
+        super().__init__(optimizer, lr_scheduler, micro_batch_size)
         check_probability(p, "model.p")
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         factories: dict[str, Callable[[], nn.Module]] = {
@@ -201,6 +220,9 @@ class LeNet(ClassifierModule):
             different layout; 1.44× faster training steps on this x86 CPU (oneDNN), see the README.
         optimizer: optimizer factory (e.g. ``torch.optim.SGD`` with ``lr``); null = SGD with lr 0.1.
         lr_scheduler: optional learning-rate scheduler factory, stepped once per epoch.
+        micro_batch_size: split each training batch into micro-batches of this many images, one optimizer step
+            each, in one Lightning step; with data.batch_size = K × micro_batch_size the updates equal those of
+            batch micro_batch_size at 1/K of Lightning's per-step cost (speed option; null = off).
     """
 
     def __init__(
@@ -213,8 +235,9 @@ class LeNet(ClassifierModule):
         channels_last: bool = False,
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
+        micro_batch_size: PositiveInt | None = None,
     ) -> None:
-        super().__init__(optimizer, lr_scheduler)
+        super().__init__(optimizer, lr_scheduler, micro_batch_size)
         check_probabilities(
             channels,
             conv_dropouts,
