@@ -20,6 +20,7 @@ from jsonargparse.typing import NonNegativeInt, PositiveInt
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
+from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
 from dropout_lab.activation_stats import ACTIVATION_TYPES, activation_variance
@@ -193,10 +194,23 @@ class ActivationVarianceMonitor(L.Callback):
     ) -> None:
         """Arm the hooks on a recording step (every ``every_n_steps``); log what earlier steps measured."""
         self._flush(trainer, wait=False)
-        step = trainer.global_step
-        record = step % self.every_n_steps == 0 and step != self._last_step
+        step, n = trainer.global_step, self.every_n_steps
+        # with micro-batches global_step advances by K per batch: record the first step past each multiple of n
+        crossed = self._last_step >= 0 and step // n > self._last_step // n
+        record = step != self._last_step and (step % n == 0 or crossed)
         capture = batch_idx == 0 and self._histogram_epoch(trainer)
         self._start("train", step, record, capture)
+
+    def on_before_optimizer_step(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Optimizer
+    ) -> None:
+        """Queue the variances of the step's (first) forward and disarm the hooks.
+
+        With ``model.micro_batch_size`` one Lightning step runs several forwards and optimizer steps; only the
+        first micro-batch's forward is recorded, like one forward of a batch-``micro_batch_size`` run.
+        """
+        if self._kind == "train":
+            self._finish(trainer)
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int

@@ -125,7 +125,8 @@ class DropoutLabCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         """Fail early on a GPU request without a GPU; without validation, keep only the last checkpoint."""
         config = self.config.get(str(self.subcommand), self.config)
-        torch.set_float32_matmul_precision(config.float32_matmul_precision)
+        if "float32_matmul_precision" in config:  # absent from a parser built without a subcommand
+            torch.set_float32_matmul_precision(config.float32_matmul_precision)
         accelerator = config.trainer.accelerator
         if isinstance(accelerator, str) and accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
             raise ConfigError(

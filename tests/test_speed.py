@@ -18,6 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from dropout_lab import idx
+from dropout_lab.callbacks import ActivationVarianceMonitor
 from dropout_lab.data import FashionMNISTDataModule
 from dropout_lab.models import DropoutMLP, LeNet, ScratchDropoutMLP
 from dropout_lab.reliability import DivergenceError, DivergenceGuard
@@ -88,6 +89,25 @@ def assert_same_updates(make: type, accelerator: str = "cpu", exact: bool = True
 def test_micro_batches_make_the_same_updates(make: type, synthetic_env: None) -> None:
     """Same micro-batches, same mask draws in the same order, same momentum, weight decay and LR schedule."""
     assert_same_updates(make)
+
+
+def test_activation_monitor_with_micro_batches(synthetic_env: None) -> None:
+    """One record per recording step (the first micro-batch's forward), under the layers' own names.
+
+    Step 0's variances equal those of the plain run (same weights, same batch, same masks); later records land
+    on the first step at or past each multiple of ``every_n_steps`` (global_step moves by 4 per Lightning step).
+    """
+    L.seed_everything(1, verbose=False)
+    plain, micro = DropoutMLP(), DropoutMLP(micro_batch_size=64)
+    micro.load_state_dict(plain.state_dict())
+    monitors = ActivationVarianceMonitor(every_n_steps=5), ActivationVarianceMonitor(every_n_steps=5)
+    fit(plain, 64, callbacks=[monitors[0]])
+    fit(micro, 256, callbacks=[monitors[1]])
+    assert monitors[1].history.keys() == monitors[0].history.keys()
+    for name, records in monitors[1].history.items():
+        assert [step for step, _ in records] == [0, 8, 12], name
+        assert [step for step, _ in monitors[0].history[name]] == [0, 5, 10, 15], name
+        assert records[0][1] == pytest.approx(monitors[0].history[name][0][1], rel=1e-6), name
 
 
 def test_a_non_finite_micro_batch_loss_stops_the_run() -> None:
