@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# The GPU measurements of the README's Performance section, as stages of one script for a CUDA machine.
+#
+# Usage (repo root, on the GPU machine):  bash benchmarks/gpu_suite.sh STAGE [STAGE ...]
+#   tests        pytest -m gpu (CUDA graphs keep dropout masks fresh; compiled/fused/micro-batch curves = eager)
+#   speed-mlp    benchmarks/speed.py --model mlp: every training path, DataLoader with 0 and 4 workers
+#   speed-lenet  benchmarks/speed.py --model lenet
+#   mc           benchmarks/mc_dropout.py: vectorized mc_predict vs a loop of T forwards
+#   population   benchmarks/population.py, then the whole swap study as one PopulationMLP fit, timed
+#   jobs         benchmarks/study_jobs.py: does `study --jobs 2` help on one GPU?
+#   all          every stage above (longer than one 10-minute device call: split it, e.g.
+#                "tests speed-mlp", "speed-lenet mc", "population jobs")
+#
+# Inputs: $FASHION_MNIST_DIR (default .gpu/data: the four *-ubyte.gz files) and, if the machine lacks
+# jsonargparse, its wheels in .gpu/whl (installed into /tmp/site). Logs go to $OUT (default results/gpu), one
+# file per stage. Set PYTHON to choose the interpreter (default python3).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+stages=("$@")
+[ ${#stages[@]} -eq 0 ] && { sed -n '2,16p' "$0"; exit 2; }
+[ "${stages[0]}" = all ] && stages=(tests speed-mlp speed-lenet mc population jobs)
+for stage in "${stages[@]}"; do
+    case $stage in tests | speed-mlp | speed-lenet | mc | population | jobs) ;;
+        *) echo "unknown stage: $stage (see the header of $0)" >&2; exit 2 ;;
+    esac
+done
+out=${OUT:-results/gpu}
+py=${PYTHON:-python3}
+mkdir -p "$out"
+export FASHION_MNIST_DIR=${FASHION_MNIST_DIR:-$PWD/.gpu/data} PYTHONUNBUFFERED=1
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+if ! "$py" -c "import jsonargparse" 2>/dev/null && compgen -G ".gpu/whl/*.whl" >/dev/null; then
+    "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/whl/*.whl \
+        || exit 1
+    export PYTHONPATH="$PYTHONPATH:/tmp/site"
+fi
+
+run() {  # run NAME CMD...: echo, run, keep the log; a failing stage does not stop the others
+    local name=$1; shift
+    echo "== $name: $*" | tee -a "$out/$name.log"
+    local start=$SECONDS
+    "$@" 2>&1 | tee -a "$out/$name.log"
+    echo "== $name: exit ${PIPESTATUS[0]} after $((SECONDS - start)) s" | tee -a "$out/$name.log"
+}
+
+population_fit() {  # the swap study (8 cells x seeds 0-2) as one fit; `run` prints its wall time
+    local tmp
+    tmp=$(mktemp -d)
+    "$py" -m dropout_lab fit --config configs/population_swap.yaml --trainer.accelerator gpu \
+        --trainer.default_root_dir "$tmp" --trainer.logger false --trainer.enable_progress_bar false \
+        --data.data_dir "$tmp/data"
+    local status=$?
+    rm -rf "$tmp"
+    return $status
+}
+
+"$py" -c "import torch; print('device:', torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA')"
+for stage in "${stages[@]}"; do
+    case $stage in
+        tests) run tests "$py" -m pytest -m gpu -q -p no:cacheprovider tests ;;
+        speed-mlp) run speed-mlp "$py" benchmarks/speed.py --model mlp --rounds 3 --workers 0 4 ;;
+        speed-lenet) run speed-lenet "$py" benchmarks/speed.py --model lenet --rounds 3 --workers 4 ;;
+        mc) run mc "$py" benchmarks/mc_dropout.py --rounds 3 --device gpu ;;
+        population)
+            run population "$py" benchmarks/population.py --rounds 2 --device gpu
+            run population-fit population_fit ;;
+        jobs) run jobs "$py" benchmarks/study_jobs.py --seeds 0 --jobs 1 2 ;;
+    esac
+done
