@@ -201,6 +201,41 @@ def test_matmul_precision_is_applied_and_recorded(tmp_path: Path, synthetic_env:
     assert yaml.safe_load(provenance.read_text())["float32_matmul_precision"] == "high"
 
 
+BAREBONES = ["--trainer.barebones", "true", "--trainer.logger", "false", "--trainer.enable_checkpointing", "false",
+             "--trainer.enable_model_summary", "false", "--trainer.num_sanity_val_steps", "0",
+             "--trainer.log_every_n_steps", "0", "--test_after_fit", "false"]  # fmt: skip
+
+
+def test_barebones_fit_through_the_cli(tmp_path: Path, synthetic_env: None) -> None:
+    """The switch list of the README runs, and the models train without logging (Lightning forbids it)."""
+    from conftest import synthetic_cli_args
+
+    from dropout_lab.cli import DropoutLabCLI
+
+    cli = DropoutLabCLI(["fit", *synthetic_cli_args(ROOT / "configs/mlp.yaml", tmp_path), "--trainer.max_epochs",
+                         "2", *BAREBONES])  # fmt: skip
+    assert cli.trainer.barebones and cli.trainer.global_step == 2 * math.ceil(500 / 256)
+    assert cli.trainer.callback_metrics == {}
+
+
+def test_validation_every_second_epoch(tmp_path: Path, synthetic_env: None) -> None:
+    """``check_val_every_n_epoch: 2`` validates on epochs 1 and 3 only; the best checkpoint is one of those."""
+    from conftest import synthetic_cli_args
+
+    from dropout_lab.cli import DropoutLabCLI
+
+    args = ["fit", *synthetic_cli_args(ROOT / "configs/mlp.yaml", tmp_path), "--trainer.max_epochs", "4",
+            "--trainer.check_val_every_n_epoch", "2", "--test_after_fit", "false"]  # fmt: skip
+    cli = DropoutLabCLI(args)
+    best = Path(cli.trainer.checkpoint_callback.best_model_path).name
+    assert best in ("best-epoch01.ckpt", "best-epoch03.ckpt"), best
+    events = list((tmp_path / "logs").rglob("events.out.tfevents.*"))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (acc,) = [EventAccumulator(str(e)).Reload() for e in events]
+    assert [e.step for e in acc.Scalars("val/acc")] == [2 * math.ceil(500 / 256) - 1, 4 * math.ceil(500 / 256) - 1]
+
+
 # ------------------------------------------------------------------------------------------------- GPU only
 @pytest.mark.gpu
 @needs_cuda
