@@ -85,9 +85,7 @@ def main() -> None:
     print("|---|---|---|---|---|")
     for p in (0.0, 0.5):
         eager, comp = med[(p, None)], med[(p, args.mode)]
-        rounds = (
-            f"{', '.join(f'{t:.2f}' for t in times[(p, None)])}; {', '.join(f'{t:.2f}' for t in times[(p, args.mode)])}"
-        )
+        rounds = "; ".join(", ".join(f"{t:.2f}" for t in times[(p, mode)]) for mode in (None, args.mode))
         print(f"| {p} | {eager:.3f} | {comp:.3f} | {comp / eager:.2f} | {rounds} |")
     added_eager = med[(0.5, None)] - med[(0.0, None)]
     added_comp = med[(0.5, args.mode)] - med[(0.0, args.mode)]
