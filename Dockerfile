@@ -30,10 +30,12 @@ ENV DEBIAN_FRONTEND=noninteractive \
 
 # Python from the distribution, and FashionMNIST from its `dataset-fashion-mnist` package where it has one
 # (Debian, Ubuntu universe): gzip IDX files in /usr/share/datasets/fashion-mnist, where the DataModule looks.
+# g++ and python3-dev serve torch.compile (the CompileModule callback): Triton builds its GPU launcher with the C
+# compiler and Python's headers, and Inductor's CPU kernels are C++.
 # Package versions follow BASE_IMAGE, so they are not pinned here.
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates \
+    && apt-get install -y --no-install-recommends python3 python3-venv python3-dev g++ ca-certificates \
     && if apt-cache show dataset-fashion-mnist >/dev/null 2>&1; then \
         apt-get install -y --no-install-recommends dataset-fashion-mnist; fi \
     && rm -rf /var/lib/apt/lists/*

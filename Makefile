@@ -7,7 +7,7 @@ DEBIAN_DATA := /usr/share/datasets/fashion-mnist
 TORCH_PINS  := torch==2.14.1 torchvision==0.29.1
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: help install data run test lint bench clean-logs docker-smoke
+.PHONY: help install data compiler run test lint bench clean-logs docker-smoke
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -26,6 +26,9 @@ data:  ## install FashionMNIST from Debian (dataset-fashion-mnist) unless it is 
 	    || [ -n "$$FASHION_MNIST_DIR" ]; then echo "FashionMNIST: found"; \
 	else $(SUDO) apt-get update && $(SUDO) apt-get install -y --no-install-recommends dataset-fashion-mnist; fi
 
+compiler:  ## a C++ compiler for torch.compile's CPU code (the compile tests), from Debian if missing
+	@command -v g++ >/dev/null || { $(SUDO) apt-get update && $(SUDO) apt-get install -y --no-install-recommends g++; }
+
 run: install data  ## train the d2l dropout MLP (configs/mlp.yaml), then test the best checkpoint
 	$(PY) -m dropout_lab fit --config configs/mlp.yaml
 
@@ -34,10 +37,10 @@ lint: install  ## ruff, hadolint
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/hadolint Dockerfile
 
-test: install data lint  ## lint, then the test suite (slow and gpu tests excluded; see README)
+test: install data compiler lint  ## lint, then the test suite (slow and gpu tests excluded; see README)
 	$(PY) -m pytest
 
-bench: install data  ## speed benchmark: Trainer + torch DataLoader vs Trainer + tensor loader vs bare loop
+bench: install data  ## speed benchmark: every training path of the d2l MLP side by side (benchmarks/speed.py)
 	$(PY) benchmarks/speed.py
 
 clean-logs:  ## remove every run under lightning_logs/

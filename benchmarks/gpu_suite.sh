@@ -5,6 +5,7 @@
 #   tests        pytest -m gpu (CUDA graphs keep dropout masks fresh; compiled/fused/micro-batch curves = eager)
 #   speed-mlp    benchmarks/speed.py --model mlp: every training path, DataLoader with 0 and 4 workers
 #   speed-lenet  benchmarks/speed.py --model lenet
+#   compile      benchmarks/compile_step.py --mode reduce-overhead: one step eager vs CUDA graphs, p = 0 and 0.5
 #   mc           benchmarks/mc_dropout.py: vectorized mc_predict vs a loop of T forwards
 #   population   benchmarks/population.py, then the whole swap study as one PopulationMLP fit, timed
 #   jobs         benchmarks/study_jobs.py: does `study --jobs 2` help on one GPU?
@@ -17,10 +18,10 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 stages=("$@")
-[ ${#stages[@]} -eq 0 ] && { sed -n '2,16p' "$0"; exit 2; }
-[ "${stages[0]}" = all ] && stages=(tests speed-mlp speed-lenet mc population jobs)
+[ ${#stages[@]} -eq 0 ] && { sed -n '2,17p' "$0"; exit 2; }
+[ "${stages[0]}" = all ] && stages=(tests speed-mlp speed-lenet compile mc population jobs)
 for stage in "${stages[@]}"; do
-    case $stage in tests | speed-mlp | speed-lenet | mc | population | jobs) ;;
+    case $stage in tests | speed-mlp | speed-lenet | compile | mc | population | jobs) ;;
         *) echo "unknown stage: $stage (see the header of $0)" >&2; exit 2 ;;
     esac
 done
@@ -60,6 +61,7 @@ for stage in "${stages[@]}"; do
         tests) run tests "$py" -m pytest -m gpu -q -p no:cacheprovider tests ;;
         speed-mlp) run speed-mlp "$py" benchmarks/speed.py --model mlp --rounds 3 --workers 0 4 ;;
         speed-lenet) run speed-lenet "$py" benchmarks/speed.py --model lenet --rounds 3 --workers 4 ;;
+        compile) run compile "$py" benchmarks/compile_step.py --mode reduce-overhead --device gpu ;;
         mc) run mc "$py" benchmarks/mc_dropout.py --rounds 3 --device gpu ;;
         population)
             run population "$py" benchmarks/population.py --rounds 2 --device gpu

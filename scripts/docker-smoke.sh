@@ -7,7 +7,8 @@
 #  3. builds the image with buildah on that base (BASE_IMAGE build argument), passing the machine's CA bundle
 #     as the build secret `ca` and this machine's local pip indexes (file:// URLs from `pip config`) read-only;
 #  4. runs it with podman as the image's non-root user: `--help`, then
-#     `fit --config configs/mlp.yaml --trainer.fast_dev_run true` on the FashionMNIST baked into the image;
+#     `fit --config configs/mlp.yaml --trainer.fast_dev_run true` on the FashionMNIST baked into the image, once
+#     eager and once with the CompileModule callback (torch.compile's CPU code needs the image's g++);
 #  5. removes the image (also on failure or Ctrl-C); only the base image stays.
 #
 # Settings (environment): SMOKE_IMAGE (default localhost/dropout-lab:smoke), SMOKE_BASE (localhost/bookworm),
@@ -122,4 +123,7 @@ prun "$IMAGE" --help | head -n 5
 prun --entrypoint tensorboard "$IMAGE" --version_tb
 say "fit --config configs/mlp.yaml --trainer.fast_dev_run true"
 prun "$IMAGE" fit --config configs/mlp.yaml --trainer.fast_dev_run true
+say "the same, compiled (torch.compile needs the image's compiler and Python headers)"
+prun "$IMAGE" fit --config configs/mlp.yaml --trainer.fast_dev_run true \
+    --trainer.callbacks+=dropout_lab.speed.CompileModule
 say "ok (total $((SECONDS - START)) s)"
