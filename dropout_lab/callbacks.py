@@ -201,9 +201,7 @@ class ActivationVarianceMonitor(L.Callback):
         capture = batch_idx == 0 and self._histogram_epoch(trainer)
         self._start("train", step, record, capture)
 
-    def on_before_optimizer_step(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Optimizer
-    ) -> None:
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Optimizer) -> None:
         """Queue the variances of the step's (first) forward and disarm the hooks.
 
         With ``model.micro_batch_size`` one Lightning step runs several forwards and optimizer steps; only the
