@@ -36,12 +36,15 @@ if ! "$py" -c "import jsonargparse" 2>/dev/null && compgen -G ".gpu/whl/*.whl" >
     export PYTHONPATH="$PYTHONPATH:/tmp/site"
 fi
 
+failed=()
 run() {  # run NAME CMD...: echo, run, keep the log; a failing stage does not stop the others
     local name=$1; shift
     echo "== $name: $*" | tee -a "$out/$name.log"
     local start=$SECONDS
     "$@" 2>&1 | tee -a "$out/$name.log"
-    echo "== $name: exit ${PIPESTATUS[0]} after $((SECONDS - start)) s" | tee -a "$out/$name.log"
+    local rc=${PIPESTATUS[0]}
+    echo "== $name: exit $rc after $((SECONDS - start)) s" | tee -a "$out/$name.log"
+    [ "$rc" -eq 0 ] || failed+=("$name")
 }
 
 population_fit() {  # the swap study (8 cells x seeds 0-2) as one fit; `run` prints its wall time
@@ -69,3 +72,7 @@ for stage in "${stages[@]}"; do
         jobs) run jobs "$py" benchmarks/study_jobs.py --seeds 0 --jobs 1 2 ;;
     esac
 done
+if [ ${#failed[@]} -gt 0 ]; then
+    echo "failed stages: ${failed[*]}" >&2
+    exit 1
+fi

@@ -291,6 +291,8 @@ class ActivationVarianceMonitor(L.Callback):
         """Restore the histories saved by :meth:`state_dict`."""
         self.history = {k: [tuple(p) for p in v] for k, v in state_dict.get("history", {}).items()}
         self.eval_history = {k: [tuple(p) for p in v] for k, v in state_dict.get("eval_history", {}).items()}
+        # the recording rule counts from the last recorded step (micro-batches move global_step by K a batch)
+        self._last_step = max((int(step) for records in self.history.values() for step, _ in records), default=-1)
 
 
 def _tensorboards(trainer: L.Trainer) -> list[TensorBoardLogger]:

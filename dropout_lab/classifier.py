@@ -8,6 +8,8 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
@@ -49,6 +51,7 @@ class ClassifierModule(L.LightningModule):
         self.optimizer_factory = optimizer or default_sgd
         self.scheduler_factory = lr_scheduler
         self.micro_batch_size = micro_batch_size
+        self._warned_partial = False
         self.automatic_optimization = micro_batch_size is None
         self.loss_fn = nn.CrossEntropyLoss()
         self.train_acc = MulticlassAccuracy(NUM_CLASSES, average="micro", validate_args=False)
@@ -59,9 +62,11 @@ class ClassifierModule(L.LightningModule):
         """Logits (B, 10) for images (B, 1, 28, 28)."""
         return self.net(x)
 
-    def _barebones(self) -> bool:
-        """True under ``Trainer(barebones=True)``, where Lightning forbids ``self.log``."""
-        return self._trainer is not None and self.trainer.barebones
+    def log(self, name: str, value: Any, *args: Any, **kwargs: Any) -> None:
+        """``LightningModule.log``, except under ``Trainer(barebones=True)``, which forbids logging: a no-op there."""
+        if self._trainer is not None and self.trainer.barebones:
+            return
+        super().log(name, value, *args, **kwargs)
 
     def _log_now(self) -> bool:
         """True on the steps where Lightning writes logs (every ``trainer.log_every_n_steps``)."""
@@ -85,7 +90,7 @@ class ClassifierModule(L.LightningModule):
         return loss
 
     def _log_train_loss(self, loss: torch.Tensor) -> None:
-        if self._log_now() and not self._barebones():
+        if self._log_now():
             self.log("train/loss", loss.detach(), on_step=True, on_epoch=False, prog_bar=True)
 
     def _micro_batch_steps(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -96,9 +101,18 @@ class ClassifierModule(L.LightningModule):
         dropout masks drawn in the same order. Returns the mean micro-batch loss (detached; non-finite if any
         micro-batch's loss was), which is what ``train/loss`` logs.
         """
-        optimizer = self.optimizers()
+        optimizer, trainer = self.optimizers(), self.trainer
+        if len(x) % self.micro_batch_size and not self._epoch_ends_here() and not self._warned_partial:
+            self._warned_partial = True
+            rank_zero_warn(
+                f"model.micro_batch_size ({self.micro_batch_size}) does not divide the batch size ({len(x)}): "
+                "each batch ends with a smaller micro-batch, so the updates differ from those of batch "
+                f"{self.micro_batch_size}; make data.batch_size a multiple of it"
+            )
         losses = []
         for xs, ys in zip(x.split(self.micro_batch_size), y.split(self.micro_batch_size), strict=True):
+            if 0 <= trainer.max_steps <= trainer.global_step:
+                break  # max_steps counts optimizer steps: stop inside the batch, as batch-size-K training would
             logits = self(xs)
             loss = self.loss_fn(logits, ys)
             optimizer.zero_grad()
@@ -106,25 +120,44 @@ class ClassifierModule(L.LightningModule):
             optimizer.step()
             self.train_acc.update(logits.detach(), ys)
             losses.append(loss.detach())
+        if self.scheduler_factory is not None and self._epoch_ends_here():
+            self.lr_schedulers().step()  # where automatic optimization steps an epoch scheduler: before validation
         loss = torch.stack(losses).mean()
         self._log_train_loss(loss)
         return loss
 
+    def _epoch_ends_here(self) -> bool:
+        """True in the epoch's last training step (Lightning's own test, as in its epoch loop)."""
+        trainer = self.trainer
+        ready = trainer.fit_loop.epoch_loop.batch_progress.current.ready
+        return ready == trainer.num_training_batches or trainer.is_last_batch
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse to resume a fit across a change of ``micro_batch_size`` (the step counters would restart at 0).
+
+        Lightning counts automatic and manual optimizer steps separately, so switching between them on resume
+        would reset ``global_step``; test, predict and the MC commands load such checkpoints freely.
+        """
+        if self._trainer is None or self.trainer.state.fn != TrainerFn.FITTING:
+            return
+        saved = checkpoint.get("hyper_parameters", {}).get("micro_batch_size")
+        if (saved is None) != (self.micro_batch_size is None):
+            raise ValueError(
+                f"model.micro_batch_size: the checkpoint was trained with {saved}, this run asks for "
+                f"{self.micro_batch_size}; resuming across a switch between micro-batches and plain steps would "
+                "restart the step count. Resume with the checkpoint's setting (any value > 0 counts as on)"
+            )
+
     def on_train_epoch_end(self) -> None:
-        """Log the epoch's training accuracy (``train/acc``); with micro-batches, step the epoch scheduler."""
-        if not self._barebones():
-            self.log("train/acc", self.train_acc.compute())
+        """Log the epoch's training accuracy (``train/acc``)."""
+        self.log("train/acc", self.train_acc.compute())
         self.train_acc.reset()
-        if not self.automatic_optimization and self.scheduler_factory is not None:
-            self.lr_schedulers().step()
 
     def _eval_step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> None:
         x, y = batch
         logits = self(x)
         metric = getattr(self, f"{stage}_acc")
         metric.update(logits, y)
-        if self._barebones():
-            return  # Lightning forbids logging in barebones mode; the metric is still updated
         # every DDP rank evaluates the whole split, so the synced mean equals the single-process one
         self.log(f"{stage}/loss", self.loss_fn(logits, y), on_step=False, on_epoch=True, sync_dist=True)
         self.log(f"{stage}/acc", metric, on_step=False, on_epoch=True, prog_bar=True)

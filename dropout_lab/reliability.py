@@ -117,9 +117,14 @@ class DivergenceGuard(Callback):
             if finite and not bool(torch.stack(finite).all()):
                 first, what = trainer.global_step, f"a weight was not finite after step {trainer.global_step - 1}"
         if first >= 0:
+            # Lightning clips gradients only under automatic optimization (not with model.micro_batch_size)
+            clip = ", or clip gradients (--trainer.gradient_clip_val 1.0)"
+            module = pl_module if pl_module is not None else getattr(trainer, "lightning_module", None)
+            if module is not None and not module.automatic_optimization:
+                clip = ""
             raise DivergenceError(
                 f"training diverged: {what} (epoch {trainer.current_epoch}); "
-                f"{self.hint}, or clip gradients (--trainer.gradient_clip_val 1.0). "
+                f"{self.hint}{clip}. "
                 "No checkpoint was written from the diverged weights."
             )
 
@@ -139,11 +144,21 @@ class LastEveryEpochCheckpoint(ModelCheckpoint):
             self._save_last_now(trainer)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """As :meth:`on_validation_end`, for runs that checkpoint at the end of the training epoch."""
+        """Write ``last.ckpt`` at the end of every epoch that does not end with a validation run.
+
+        That is every epoch of a run without validation, and the epochs in between of a run that validates every
+        N epochs (``trainer.check_val_every_n_epoch``); the others save in :meth:`on_validation_end`.
+        """
         super().on_train_epoch_end(trainer, pl_module)
-        if self._should_save_on_train_epoch_end(trainer):
+        if self._should_save_on_train_epoch_end(trainer) or not _validates_this_epoch(trainer):
             self._save_last_now(trainer)
 
     def _save_last_now(self, trainer: L.Trainer) -> None:
         if self.save_last and not self._should_skip_saving_checkpoint(trainer):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
+def _validates_this_epoch(trainer: L.Trainer) -> bool:
+    """Whether the current training epoch ends with a validation run (``check_val_every_n_epoch``)."""
+    every = trainer.check_val_every_n_epoch
+    return trainer.enable_validation and (every is None or (trainer.current_epoch + 1) % every == 0)

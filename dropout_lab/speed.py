@@ -12,6 +12,7 @@ from typing import Literal
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback
+from torch import nn
 
 __all__ = ["CompileMode", "CompileModule"]
 
@@ -24,15 +25,18 @@ class CompileModule(Callback):
     The module is compiled in place (``nn.Module.compile``): parameter names, checkpoints and the modules seen by
     other callbacks are unchanged. Compiled dropout draws its masks with the compiler's own random-number kernel,
     so the masks (and so the loss curve) differ from eager ones draw by draw but not in distribution; runs stay
-    reproducible for a fixed seed on one machine. Validation and test run the same compiled forward in eval mode
-    (one more compiled graph). The first steps pay the compilation (tens of seconds on a CPU).
+    reproducible for a fixed seed on one machine. Validation during ``fit`` runs the compiled forward in eval
+    mode (one more graph); after ``fit`` (or a failed ``fit``) the module runs eagerly again, so the test after
+    fit and the MC commands are eager. The first steps pay the compilation (seconds to tens of seconds).
 
     Args:
         mode: ``default``; ``reduce-overhead`` (CUDA graphs on a GPU: one replay per forward and per backward,
-            dropout masks still fresh at every step); ``max-autotune``; ``max-autotune-no-cudagraphs``.
+            dropout masks still fresh at every step; on a CPU the same as ``default``); ``max-autotune``;
+            ``max-autotune-no-cudagraphs``.
         fullgraph: fail instead of splitting the forward at code the compiler cannot trace.
-        dynamic: treat the batch dimension as dynamic (one graph for every batch size) instead of compiling one
-            graph per size seen (the full batch and the last, partial one); null = the compiler's default.
+        dynamic: ``true``: one graph with a symbolic batch size from the start; ``false``: one graph per batch
+            size seen (the full batch and the last, partial one); null: the compiler's default (static at
+            first, a symbolic graph once a second size appears).
     """
 
     def __init__(self, mode: CompileMode = "default", fullgraph: bool = False, dynamic: bool | None = None) -> None:
@@ -46,4 +50,12 @@ class CompileModule(Callback):
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         """Return the module to eager execution after ``fit`` (the test after fit then runs eagerly)."""
         if stage == "fit":
-            pl_module._compiled_call_impl = None  # what nn.Module.compile set; no public way to undo it
+            _uncompile(pl_module)
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        """Also after a failed or interrupted ``fit`` (Lightning skips ``teardown`` then)."""
+        _uncompile(pl_module)
+
+
+def _uncompile(module: nn.Module) -> None:
+    module._compiled_call_impl = None  # what nn.Module.compile set; torch has no public way to undo it

@@ -11,6 +11,7 @@ import gzip
 import os
 import struct
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -83,6 +84,16 @@ def _no_real_data(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.Temp
     # seed_everything (run by the CLI in process) exports PL_GLOBAL_SEED; make sure it is restored afterwards
     monkeypatch.setenv("PL_GLOBAL_SEED", os.environ.get("PL_GLOBAL_SEED", "0"))
     monkeypatch.delenv("PL_GLOBAL_SEED")
+
+
+@pytest.fixture(autouse=True)
+def _restore_matmul_precision() -> Iterator[None]:
+    """``--float32_matmul_precision`` (a CLI run in process, e.g. configs/mlp_fast.yaml) sets a global: reset it."""
+    import torch
+
+    before = torch.get_float32_matmul_precision()
+    yield
+    torch.set_float32_matmul_precision(before)
 
 
 @pytest.fixture
