@@ -7,7 +7,8 @@
 #   speed-lenet  benchmarks/speed.py --model lenet
 #   compile      benchmarks/compile_step.py --mode reduce-overhead: one step eager vs CUDA graphs, p = 0 and 0.5
 #   mc           benchmarks/mc_dropout.py: vectorized mc_predict vs a loop of T forwards
-#   population   benchmarks/population.py, then the whole swap study as one PopulationMLP fit, timed
+#   population   benchmarks/population.py, then the whole swap study as one PopulationMLP fit, timed, as
+#                configured and with micro-batches 8 + CUDA graphs + TF32
 #   jobs         benchmarks/study_jobs.py: does `study --jobs 2` help on one GPU?
 #   all          every stage above (longer than one 10-minute device call: split it, e.g.
 #                "tests speed-mlp", "speed-lenet mc", "population jobs")
@@ -18,7 +19,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 stages=("$@")
-[ ${#stages[@]} -eq 0 ] && { sed -n '2,17p' "$0"; exit 2; }
+[ ${#stages[@]} -eq 0 ] && { sed -n '2,18p' "$0"; exit 2; }
 [ "${stages[0]}" = all ] && stages=(tests speed-mlp speed-lenet compile mc population jobs)
 for stage in "${stages[@]}"; do
     case $stage in tests | speed-mlp | speed-lenet | compile | mc | population | jobs) ;;
@@ -47,12 +48,12 @@ run() {  # run NAME CMD...: echo, run, keep the log; a failing stage does not st
     [ "$rc" -eq 0 ] || failed+=("$name")
 }
 
-population_fit() {  # the swap study (8 cells x seeds 0-2) as one fit; `run` prints its wall time
+population_fit() {  # the swap study (8 cells x seeds 0-2) as one fit, extra CLI args appended; `run` times it
     local tmp
     tmp=$(mktemp -d)
     "$py" -m dropout_lab fit --config configs/population_swap.yaml --trainer.accelerator gpu \
         --trainer.default_root_dir "$tmp" --trainer.logger false --trainer.enable_progress_bar false \
-        --data.data_dir "$tmp/data"
+        --data.data_dir "$tmp/data" "$@"
     local status=$?
     rm -rf "$tmp"
     return $status
@@ -68,7 +69,10 @@ for stage in "${stages[@]}"; do
         mc) run mc "$py" benchmarks/mc_dropout.py --rounds 3 --device gpu ;;
         population)
             run population "$py" benchmarks/population.py --rounds 2 --device gpu
-            run population-fit population_fit ;;
+            run population-fit population_fit
+            run population-fast population_fit --data.batch_size 2048 --model.init_args.micro_batch_size 256 \
+                --trainer.callbacks+=dropout_lab.speed.CompileModule --trainer.callbacks.mode reduce-overhead \
+                --float32_matmul_precision high ;;
         jobs) run jobs "$py" benchmarks/study_jobs.py --seeds 0 --jobs 1 2 ;;
     esac
 done

@@ -75,7 +75,7 @@ class ClassifierModule(L.LightningModule):
         return self.trainer._logger_connector.should_update_logs
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        """One optimization step's loss.
+        """One optimization step's loss (with ``micro_batch_size``: several steps, see :meth:`_micro_batch_steps`).
 
         ``train/loss`` is logged only on the steps the logger writes (``trainer.log_every_n_steps``), and
         ``train/acc`` accumulates on the device and is logged once per epoch: no host sync in the step.
@@ -83,15 +83,20 @@ class ClassifierModule(L.LightningModule):
         x, y = batch
         if not self.automatic_optimization:
             return self._micro_batch_steps(x, y)
+        loss, logged = self.train_loss(x, y)
+        self._log_train_loss(logged)
+        return loss
+
+    def train_loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The loss to minimize on one (micro-)batch and the value ``train/loss`` shows; updates ``train/acc``."""
         logits = self(x)
         loss = self.loss_fn(logits, y)
         self.train_acc.update(logits.detach(), y)
-        self._log_train_loss(loss)
-        return loss
+        return loss, loss.detach()
 
     def _log_train_loss(self, loss: torch.Tensor) -> None:
         if self._log_now():
-            self.log("train/loss", loss.detach(), on_step=True, on_epoch=False, prog_bar=True)
+            self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
 
     def _micro_batch_steps(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """One optimizer step per ``micro_batch_size`` rows of the batch (manual optimization).
@@ -113,13 +118,11 @@ class ClassifierModule(L.LightningModule):
         for xs, ys in zip(x.split(self.micro_batch_size), y.split(self.micro_batch_size), strict=True):
             if 0 <= trainer.max_steps <= trainer.global_step:
                 break  # max_steps counts optimizer steps: stop inside the batch, as batch-size-K training would
-            logits = self(xs)
-            loss = self.loss_fn(logits, ys)
+            loss, logged = self.train_loss(xs, ys)
             optimizer.zero_grad()
             self.manual_backward(loss)
             optimizer.step()
-            self.train_acc.update(logits.detach(), ys)
-            losses.append(loss.detach())
+            losses.append(logged)
         if self.scheduler_factory is not None and self._epoch_ends_here():
             self.lr_schedulers().step()  # where automatic optimization steps an epoch scheduler: before validation
         loss = torch.stack(losses).mean()

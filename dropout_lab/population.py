@@ -111,6 +111,9 @@ class PopulationMLP(ClassifierModule):
             best checkpoint; ``current``: the weights as they are.
         optimizer: optimizer factory over the stacked parameters (weight decay belongs in ``weight_decays``);
             null = SGD with lr 0.1.
+        micro_batch_size: split each training batch into micro-batches of this many images, one optimizer step
+            each, in one Lightning step; with data.batch_size = K × micro_batch_size the updates equal those of
+            batch micro_batch_size at 1/K of Lightning's per-step cost (speed option; null = off).
     """
 
     def __init__(
@@ -122,8 +125,9 @@ class PopulationMLP(ClassifierModule):
         init_seed: int = 0,
         test_weights: Literal["best", "current"] = "best",
         optimizer: OptimizerCallable | None = None,
+        micro_batch_size: PositiveInt | None = None,
     ) -> None:
-        super().__init__(optimizer)
+        super().__init__(optimizer, micro_batch_size=micro_batch_size)
         cells = len(dropouts)
         if any(len(p) != len(hidden_sizes) for p in dropouts):
             raise ValueError(f"model.dropouts: every cell needs {len(hidden_sizes)} probabilities, got {dropouts}")
@@ -210,16 +214,16 @@ class PopulationMLP(ClassifierModule):
                 param.copy_(saved)
         self._backup = []
 
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        """Sum of the members' mean losses plus each member's L2 term ``wd/2 · ‖θ‖²``."""
-        x, y = batch
+    def train_loss(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """Sum of the members' mean losses plus each member's L2 term ``wd/2 · ‖θ‖²``; logged: the members' mean.
+
+        The base class's ``training_step`` (and its micro-batch loop) calls this.
+        """
         logits = self(x)
         losses = self.member_losses(logits, y)
         self._count("train", logits.detach(), y)
         l2 = sum((self.wd.view(-1, *[1] * (p.dim() - 1)) * p.square()).sum() for p in self.parameters()) / 2
-        if self._log_now():
-            self.log("train/loss", losses.detach().mean(), prog_bar=True)
-        return losses.sum() + l2
+        return losses.sum() + l2, losses.detach().mean()
 
     def on_train_epoch_end(self) -> None:
         """Log the population's mean training accuracy."""

@@ -23,6 +23,7 @@ from dropout_lab import idx
 from dropout_lab.callbacks import ActivationVarianceMonitor
 from dropout_lab.data import FashionMNISTDataModule
 from dropout_lab.models import DropoutMLP, LeNet, ScratchDropoutMLP
+from dropout_lab.population import PopulationMLP
 from dropout_lab.reliability import DivergenceError, DivergenceGuard, RNGStateCheckpoint
 from dropout_lab.speed import CompileModule
 
@@ -173,6 +174,19 @@ def test_activation_monitor_resumes_its_recording_rule() -> None:
 def test_a_batch_size_that_is_no_multiple_warns(synthetic_env: None) -> None:
     with pytest.warns(UserWarning, match="does not divide the batch size"):
         fit(DropoutMLP(micro_batch_size=64), 100, epochs=1)
+
+
+def test_population_micro_batches_make_the_same_updates(synthetic_env: None) -> None:
+    """``PopulationMLP`` shares the base class's micro-batch loop: 4 members, two cells, per-cell weight decay."""
+    sgd = partial(torch.optim.SGD, lr=0.05, momentum=0.9)
+    kwargs = {"dropouts": [[0.5, 0.5], [0.1, 0.9]], "weight_decays": [0.0, 1e-3], "members_per_cell": 2}
+    plain, micro = PopulationMLP(**kwargs, optimizer=sgd), PopulationMLP(**kwargs, optimizer=sgd, micro_batch_size=64)
+    a, b = fit(plain, 64), fit(micro, 256)
+    assert a.global_step == b.global_step == 2 * math.ceil(500 / 64)
+    for (name, p), q in zip(plain.named_parameters(), micro.parameters(), strict=True):
+        assert torch.equal(p, q), name
+    assert torch.equal(plain.best_val_acc, micro.best_val_acc)
+    assert a.callback_metrics["train/acc"] == b.callback_metrics["train/acc"]
 
 
 def test_a_non_finite_micro_batch_loss_stops_the_run() -> None:
