@@ -10,6 +10,7 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
@@ -144,10 +145,10 @@ class ClassifierModule(L.LightningModule):
         if self._trainer is None or self.trainer.state.fn != TrainerFn.FITTING:
             return
         saved = checkpoint.get("hyper_parameters", {}).get("micro_batch_size")
-        if (saved is None) != (self.micro_batch_size is None):
-            raise ValueError(
-                f"model.micro_batch_size: the checkpoint was trained with {saved}, this run asks for "
-                f"{self.micro_batch_size}; resuming across a switch between micro-batches and plain steps would "
+        if (saved is None) != (self.micro_batch_size is None):  # the CLI prints this as one `error:` line, exit 2
+            raise MisconfigurationException(
+                f"model.micro_batch_size: the checkpoint was trained with {_yaml(saved)}, this run asks for "
+                f"{_yaml(self.micro_batch_size)}; resuming across a switch between micro-batches and plain steps would "
                 "restart the step count. Resume with the checkpoint's setting (any value > 0 counts as on)"
             )
 
@@ -212,3 +213,8 @@ class ClassifierModule(L.LightningModule):
         if self.scheduler_factory is None:
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": self.scheduler_factory(optimizer)}
+
+
+def _yaml(value: object) -> str:
+    """A config value as YAML writes it (``null`` for None)."""
+    return "null" if value is None else str(value)

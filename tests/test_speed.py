@@ -15,6 +15,7 @@ import pytest
 import torch
 import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 from torch._dynamo.utils import counters
 from torch.utils.data import DataLoader, TensorDataset
@@ -145,7 +146,7 @@ def test_micro_batch_run_resumes_exactly(tmp_path: Path, synthetic_env: None) ->
 
 def test_resuming_across_a_micro_batch_switch_is_refused(tmp_path: Path, synthetic_env: None) -> None:
     checkpointed_fit(DropoutMLP(micro_batch_size=64), tmp_path, 1)
-    with pytest.raises(ValueError, match="micro_batch_size"):
+    with pytest.raises(MisconfigurationException, match="micro_batch_size"):
         checkpointed_fit(DropoutMLP(), tmp_path, 2, ckpt_path=str(tmp_path / "last.ckpt"))
     DropoutMLP.load_from_checkpoint(tmp_path / "last.ckpt")  # outside fit (test, MC) the checkpoint loads
 
