@@ -1,7 +1,8 @@
 """Seconds per training epoch of the d2l MLP or LeNet along every training path, side by side in one process.
 
 Paths (one epoch = 60k training images, ``val_size: 0``, batch 256, SGD lr 0.1; the MLP is 784-256-256-10 ReLU
-with dropout 0.5/0.5, LeNet the project's default 20/50 LeNet):
+with dropout 0.5/0.5, LeNet the project's default 20/50 LeNet; ``tiny`` is a 784-8-10 MLP whose arithmetic is
+negligible, so its table shows what each path costs per step beyond the math, as on a launch-bound GPU):
 
 * ``trainer, DataLoader(w)``: the Trainer with ``loader: torch`` (torchvision ``Dataset`` + ``DataLoader`` with
   ``w`` workers);
@@ -18,7 +19,7 @@ and the ratio to the bare eager loop. ``--batches N`` times only the first N ste
 full epoch (for LeNet on a CPU). With ``--rss`` it also measures the peak RSS of a 1-epoch ``fit`` through the CLI.
 
 Usage:
-    python benchmarks/speed.py [--model mlp|lenet] [--rounds 3] [--device auto] [--paths NAME ...]
+    python benchmarks/speed.py [--model mlp|lenet|tiny] [--rounds 3] [--device auto] [--paths NAME ...]
 """
 
 from __future__ import annotations
@@ -78,6 +79,8 @@ def make_model(kind: str, fused: bool = False, micro_batch_size: int | None = No
     def sgd(params: object) -> torch.optim.Optimizer:
         return torch.optim.SGD(params, lr=0.1, fused=fused or None)
 
+    if kind == "tiny":  # almost no arithmetic: what is left is each path's per-step overhead
+        return DropoutMLP(hidden_sizes=(8,), dropouts=(0.5,), optimizer=sgd, micro_batch_size=micro_batch_size)
     cls = DropoutMLP if kind == "mlp" else LeNet
     return cls(optimizer=sgd, micro_batch_size=micro_batch_size)
 
@@ -222,7 +225,12 @@ def build_paths(args: argparse.Namespace, device: torch.device, accelerator: str
 def main() -> None:
     """Run the paths interleaved and print the table."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", choices=["mlp", "lenet"], default="mlp", help="which network to train")
+    parser.add_argument(
+        "--model",
+        choices=["mlp", "lenet", "tiny"],
+        default="mlp",
+        help="which network to train (tiny: 784-8-10 with dropout 0.5, so the table shows per-step overhead)",
+    )
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the median is reported")
     parser.add_argument("--epochs", type=int, default=2, help="epochs per run; the last one is timed")
     parser.add_argument("--batches", type=int, default=0, help="time only this many steps per epoch (0 = all)")
@@ -253,11 +261,13 @@ def main() -> None:
         f"median of {args.rounds} interleaved rounds\n"
     )
     floor = med.get("bare loop, eager")
-    print("| path | s/epoch (median) | × bare eager loop | all rounds |")
-    print("|---|---|---|---|")
+    steps = math.ceil(N_TRAIN / BATCH)
+    print("| path | s/epoch (median) | ms/step | × bare eager loop | all rounds |")
+    print("|---|---|---|---|---|")
     for name, t in times.items():
         ratio = f"{med[name] / floor:.2f}" if floor else "–"
-        print(f"| {name} | {med[name]:.3f} | {ratio} | {', '.join(f'{v:.3f}' for v in t)} |")
+        rounds = ", ".join(f"{v:.3f}" for v in t)
+        print(f"| {name} | {med[name]:.3f} | {med[name] / steps * 1e3:.2f} | {ratio} | {rounds} |")
     if args.rss:
         print(f"\npeak RSS of a 1-epoch fit through the CLI: {cli_fit_peak_rss_mb(args.data_dir, accelerator):.0f} MB")
 
