@@ -34,7 +34,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.speed import device_name  # noqa: E402
+from benchmarks.speed import add_device_args, chosen_device, device_name  # noqa: E402
 from dropout_lab.callbacks import ActivationVarianceMonitor  # noqa: E402
 from dropout_lab.data import FashionMNISTDataModule  # noqa: E402
 from dropout_lab.idx import find_or_install  # noqa: E402
@@ -133,15 +133,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the median is reported")
     parser.add_argument("--data-dir", default=str(ROOT / "data"), help="FashionMNIST folder (torchvision layout)")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "gpu"], help="where to run")
     parser.add_argument("--every-n-steps", type=int, default=50, help="the monitor's recording interval")
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    add_device_args(parser)
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    use_gpu = args.device == "gpu" or (args.device == "auto" and torch.cuda.is_available())
-    device = torch.device("cuda" if use_gpu else "cpu")
-    accelerator = "gpu" if use_gpu else "cpu"
+    device = chosen_device(args)
+    accelerator = "gpu" if device.type == "cuda" else "cpu"
     find_or_install(args.data_dir)
 
     variants = {"without monitor": None, f"with monitor (every_n_steps={args.every_n_steps})": args.every_n_steps}

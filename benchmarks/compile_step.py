@@ -24,7 +24,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.speed import device_name  # noqa: E402
+from benchmarks.speed import add_device_args, chosen_device, device_name  # noqa: E402
 from dropout_lab.models import DropoutMLP  # noqa: E402
 
 
@@ -53,13 +53,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=50, help="steps per variant per round")
     parser.add_argument("--warmup", type=int, default=10, help="untimed steps per variant before the rounds")
     parser.add_argument("--mode", default="default", help="torch.compile mode (reduce-overhead: CUDA graphs)")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "gpu"], help="where to run")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    add_device_args(parser)
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    use_gpu = args.device == "gpu" or (args.device == "auto" and torch.cuda.is_available())
-    device = torch.device("cuda" if use_gpu else "cpu")
+    device = chosen_device(args)
 
     def sync() -> None:
         if device.type == "cuda":

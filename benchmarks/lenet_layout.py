@@ -26,7 +26,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.speed import device_name  # noqa: E402
+from benchmarks.speed import add_device_args, chosen_device, device_name  # noqa: E402
 from dropout_lab.augment import BatchAugment  # noqa: E402
 from dropout_lab.models import LeNet  # noqa: E402
 
@@ -71,13 +71,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds; the median is reported")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per variant and round")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "gpu"], help="where to run")
-    parser.add_argument("--threads", type=int, help="torch intra-op CPU threads (default: torch's)")
+    add_device_args(parser)
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    use_gpu = args.device == "gpu" or (args.device == "auto" and torch.cuda.is_available())
-    device = torch.device("cuda" if use_gpu else "cpu")
+    device = chosen_device(args)
     variants = {
         "fp32, contiguous (default)": (False, False),
         "fp32, channels_last": (True, False),

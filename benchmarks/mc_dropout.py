@@ -15,7 +15,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import sys
 import time
@@ -27,6 +26,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.speed import add_device_args, chosen_device, device_name  # noqa: E402
 from dropout_lab.models import DropoutMLP  # noqa: E402
 from dropout_lab.uncertainty import MCResult, mc_loop_predict, mc_predict  # noqa: E402
 
@@ -43,13 +43,6 @@ def timed(run: Callable[[], MCResult], device: torch.device) -> tuple[float, MCR
     result = run()
     _sync(device)
     return time.perf_counter() - start, result
-
-
-def device_name(device: torch.device) -> str:
-    """A readable name of the device the benchmark ran on."""
-    if device.type == "cuda":
-        return f"cuda ({torch.cuda.get_device_name(device)})"
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
 def load_inputs(data_dir: str | None, n_test: int, n_few: int) -> tuple[torch.Tensor, str]:
@@ -73,19 +66,15 @@ def main() -> None:
     """Time both paths for both cases and print the table."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=3, help="timed interleaved rounds; the median is reported")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "gpu"], help="where to run")
     parser.add_argument("--n-few", type=int, default=12, help="inputs of case (a)")
     parser.add_argument("--t-few", type=int, default=1000, help="passes of case (a)")
     parser.add_argument("--n-test", type=int, default=10_000, help="inputs of case (b); lower it on a slow CPU")
     parser.add_argument("--t-many", type=int, default=100, help="passes of case (b)")
     parser.add_argument("--ckpt", default=None, help="a DropoutMLP checkpoint (default: random weights)")
     parser.add_argument("--data-dir", default=None, help="FashionMNIST folder (default: random images)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    add_device_args(parser)
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    use_gpu = args.device == "gpu" or (args.device == "auto" and torch.cuda.is_available())
-    device = torch.device("cuda" if use_gpu else "cpu")
+    device = chosen_device(args)
 
     torch.manual_seed(0)
     model = DropoutMLP.load_from_checkpoint(args.ckpt, map_location=device) if args.ckpt else DropoutMLP()

@@ -193,6 +193,21 @@ def cli_fit_peak_rss_mb(data_dir: str, accelerator: str) -> float:
     return float(line.split()[1]) / 1024
 
 
+def add_device_args(parser: argparse.ArgumentParser, threads: bool = True) -> None:
+    """The benchmarks' shared ``--device`` (and ``--threads``) options."""
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "gpu"], help="where to run")
+    if threads:
+        parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+
+
+def chosen_device(args: argparse.Namespace) -> torch.device:
+    """Apply ``--threads`` (if given) and resolve ``--device`` (auto: CUDA when available)."""
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
+    use_gpu = args.device == "gpu" or (args.device == "auto" and torch.cuda.is_available())
+    return torch.device("cuda" if use_gpu else "cpu")
+
+
 def device_name(device: torch.device) -> str:
     """A readable name of the device the benchmark ran on."""
     if device.type == "cuda":
@@ -238,12 +253,11 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="*", default=[0], help="DataLoader paths' worker counts")
     parser.add_argument("--paths", nargs="*", help="run only these rows (by label)")
     parser.add_argument("--data-dir", default=str(ROOT / "data"), help="FashionMNIST folder (torchvision layout)")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "gpu"], help="where to run")
+    add_device_args(parser, threads=False)
     parser.add_argument("--rss", action="store_true", help="also measure the peak RSS of a 1-epoch CLI fit")
     args = parser.parse_args()
-    use_gpu = args.device == "gpu" or (args.device == "auto" and torch.cuda.is_available())
-    device = torch.device("cuda" if use_gpu else "cpu")
-    accelerator = "gpu" if use_gpu else "cpu"
+    device = chosen_device(args)
+    accelerator = "gpu" if device.type == "cuda" else "cpu"
     find_or_install(args.data_dir)
 
     paths = build_paths(args, device, accelerator)
