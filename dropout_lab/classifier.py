@@ -97,7 +97,9 @@ class ClassifierModule(L.LightningModule):
 
     def _log_train_loss(self, loss: torch.Tensor) -> None:
         if self._log_now():
-            self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
+            # Logged as a host copy: after every batch Lightning turns the progress bar's values into numbers,
+            # which for a value on the GPU is a host sync at every step; this way only the logging steps sync.
+            self.log("train/loss", loss.detach().to("cpu", copy=True), on_step=True, on_epoch=False, prog_bar=True)
 
     def _micro_batch_steps(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """One optimizer step per ``micro_batch_size`` rows of the batch (manual optimization).

@@ -150,6 +150,7 @@ class PopulationMLP(ClassifierModule):
         self.net = nn.Sequential(*layers)
         self.loss_fn = nn.CrossEntropyLoss(reduction="none")
         self._sums: dict[str, Tensor] = {}
+        self._seen: dict[str, int] = {}  # images counted per stage since its last epoch end
         self.test_weights = test_weights
         self.register_buffer("best_val_acc", torch.full((self.k,), -1.0))
         for name, param in self.named_parameters():
@@ -169,16 +170,16 @@ class PopulationMLP(ClassifierModule):
     def _count(self, stage: str, logits: Tensor, y: Tensor, losses: Tensor | None = None) -> None:
         """Accumulate per-member correct counts (and loss sums) on the device: no host sync per step."""
         correct = (logits.argmax(dim=-1) == y).sum(dim=1).to(torch.float64)
-        n = torch.tensor(float(y.numel()), dtype=torch.float64, device=y.device)
-        parts = {"correct": correct, "n": n} | ({} if losses is None else {"loss": losses.detach() * y.numel()})
+        self._seen[stage] = self._seen.get(stage, 0) + y.numel()  # counted on the host: no host-to-device copy
+        parts = {"correct": correct} | ({} if losses is None else {"loss": losses.detach() * y.numel()})
         for key, value in parts.items():
             name = f"{stage}/{key}"
             self._sums[name] = self._sums[name] + value if name in self._sums else value.clone()
 
     def _log_epoch(self, stage: str) -> None:
-        if f"{stage}/n" not in self._sums:
+        if stage not in self._seen:
             return
-        n = self._sums.pop(f"{stage}/n")
+        n = self._seen.pop(stage)
         acc = self._sums.pop(f"{stage}/correct") / n
         if stage == "val" and self.trainer.state.fn == TrainerFn.FITTING and not self.trainer.sanity_checking:
             self._keep_best(acc.float())

@@ -91,7 +91,7 @@ class DivergenceGuard(Callback):
         if self._first is None or self._first.device != loss.device:
             self._first = torch.full((), -1, dtype=torch.long, device=loss.device)
         bad = ~torch.isfinite(loss.detach()) & (self._first < 0)
-        self._first = torch.where(bad, torch.as_tensor(step, device=loss.device), self._first)
+        self._first.masked_fill_(bad, step)  # the step goes in as a kernel argument: no host-to-device copy
         last = batch_idx + 1 >= trainer.num_training_batches
         if last or trainer._logger_connector.should_update_logs:
             self.check(trainer)

@@ -1,0 +1,218 @@
+"""No host syncs in the training step, checked on the CPU by the ops the step dispatches.
+
+On a GPU a training step that reads a device value on the host (``.item()``, ``float()``, ``bool()``), builds a
+tensor from Python data (``torch.tensor(v, device=...)``: a blocking host-to-device copy) or runs an op whose
+output size depends on the data waits for the GPU: the CPU can no longer queue the next steps ahead, and the
+launch-bound MLP step gets no faster than CPU time + GPU time. :class:`HostSyncRecorder` sees those ops on the
+CPU too (``_local_scalar_dense``, ``lift_fresh``, ``nonzero`` ...), so the CPU test finds them without a GPU.
+Values read from an explicit host copy (``x.to("cpu", copy=True)`` and whatever is computed from it alone) are
+allowed: that copy is where the sync was paid, on a step that logs. The ``gpu`` test repeats the check with
+CUDA's own sync detector.
+
+Each training step is audited from its ``on_train_batch_start`` to the next one, so the progress bar, the
+logger connector and every callback of the CLI's set are included. Steps that write logs (every
+``log_every_n_steps``) and the epoch's last step may sync; the others must not.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.loggers import TensorBoardLogger
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from dropout_lab import idx
+from dropout_lab.callbacks import ActivationVarianceMonitor
+from dropout_lab.data import FashionMNISTDataModule
+from dropout_lab.models import DropConnectMLP, DropoutMLP, LeNet, ScratchDropoutMLP, StochasticActivationMLP
+from dropout_lab.population import PopulationMLP
+from dropout_lab.reliability import DivergenceGuard, LastEveryEpochCheckpoint, RNGStateCheckpoint
+
+SYNCING_OPS = {
+    "_local_scalar_dense",  # item(), float(), int(), bool() of a tensor
+    "lift_fresh",  # torch.tensor / as_tensor of Python data: a host-to-device copy on a GPU
+    "nonzero", "masked_select", "_unique2", "unique_dim", "unique_consecutive",  # output size read on the host
+}  # fmt: skip
+STEPS, LOG_EVERY = 12, 5
+
+
+class HostSyncRecorder(TorchDispatchMode):
+    """Records the ops that would make the host wait for a GPU, with the line of our code or Lightning's."""
+
+    def __init__(self, host: dict[int, torch.Tensor] | None = None) -> None:
+        """``host``: known host values, shared by the recorders of one fit (a logged copy is read in later steps)."""
+        super().__init__()
+        self.found: Counter[tuple[str, str]] = Counter()
+        self._host = {} if host is None else host  # explicit host copies and values computed from them alone
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        name = func.overloadpacket.__name__
+        inputs = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        if (name == "_to_copy" and kwargs.get("device") == torch.device("cpu")) or (
+            inputs and all(id(t) in self._host for t in inputs)
+        ):
+            self._host.update({id(t): t for t in tree_leaves(out) if isinstance(t, torch.Tensor)})
+        elif name in SYNCING_OPS:
+            self.found[name, _caller()] += 1
+        return out
+
+
+def _caller() -> str:
+    """The innermost frame outside torch: the line that asked for the op."""
+    import traceback
+
+    frames = [f for f in traceback.extract_stack()[:-2] if "/torch/" not in f.filename]  # not this, not the mode
+    frame = frames[-1]
+    return f"{frame.filename.split('site-packages/')[-1]}:{frame.lineno}"
+
+
+class StepAudit(L.Callback):
+    """One :class:`HostSyncRecorder` per training step, from its batch start to the next one's."""
+
+    def __init__(self) -> None:
+        self.steps: dict[int, HostSyncRecorder] = {}
+        self._open: tuple[int, HostSyncRecorder] | None = None
+        self._host: dict[int, torch.Tensor] = {}
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:  # fmt: skip
+        self._close()
+        recorder = HostSyncRecorder(self._host)
+        recorder.__enter__()
+        self._open = batch_idx, recorder
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._close()
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._close()
+
+    def _close(self) -> None:
+        if self._open is not None:
+            batch_idx, recorder = self._open
+            recorder.__exit__(None, None, None)
+            self.steps[batch_idx] = recorder
+            self._open = None
+
+
+def audit_fit(model: L.LightningModule, batch_size: int, tmp_path: Path) -> StepAudit:
+    """A 12-step CPU fit with the callbacks the CLI adds (progress bar refreshed every step, TensorBoard)."""
+    audit = StepAudit()
+    L.seed_everything(0, verbose=False)
+    trainer = L.Trainer(
+        accelerator="cpu", max_epochs=1, limit_train_batches=STEPS, limit_val_batches=2, log_every_n_steps=LOG_EVERY,
+        logger=TensorBoardLogger(tmp_path / "logs"), enable_model_summary=False,
+        callbacks=[audit, TQDMProgressBar(refresh_rate=1), ActivationVarianceMonitor(every_n_steps=LOG_EVERY),
+                   RNGStateCheckpoint(), DivergenceGuard(),
+                   LastEveryEpochCheckpoint(dirpath=tmp_path / "ckpt", monitor="val/acc", mode="max", save_last=True)],
+    )  # fmt: skip
+    trainer.fit(model, FashionMNISTDataModule(batch_size=batch_size, val_size=100))
+    return audit
+
+
+def quiet_steps(audit: StepAudit) -> dict[int, Counter]:
+    """What each step that neither logs nor ends the epoch dispatched of :data:`SYNCING_OPS` (by op and line)."""
+    loud = {i for i in range(STEPS) if (i + 1) % LOG_EVERY == 0} | {STEPS - 1}
+    assert len(audit.steps) == STEPS
+    return {i: rec.found for i, rec in audit.steps.items() if i not in loud}
+
+
+def population() -> PopulationMLP:
+    """Two cells (with their own weight decays) × two members, in micro-batches of 8."""
+    return PopulationMLP(dropouts=[[0.5, 0.5], [0.1, 0.9]], weight_decays=[0.0, 1e-4], members_per_cell=2,
+                         micro_batch_size=8)  # fmt: skip
+
+
+MODELS = {  # each trained with batch 32
+    "nn.Dropout": DropoutMLP,
+    "nn.Dropout, micro-batches": lambda: DropoutMLP(micro_batch_size=8),
+    "scratch": ScratchDropoutMLP,
+    "DropConnect": DropConnectMLP,
+    "stochastic activation": StochasticActivationMLP,
+    "LeNet": LeNet,
+    "population, micro-batches": population,
+}
+
+
+@pytest.fixture
+def synthetic_env(monkeypatch: pytest.MonkeyPatch, shared_gz_dir: Path, tmp_path: Path) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(idx.ENV_DIR, str(shared_gz_dir))
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_training_steps_between_log_steps_do_not_sync(name: str, tmp_path: Path, synthetic_env: None) -> None:
+    audit = audit_fit(MODELS[name](), 32, tmp_path)
+    found = quiet_steps(audit)
+    assert all(not ops for ops in found.values()), {i: dict(ops) for i, ops in found.items() if ops}
+
+
+def test_the_recorder_finds_host_syncs() -> None:
+    """The recorder catches each kind of sync, and lets values read from an explicit host copy pass."""
+    x = torch.randn(8)
+    with HostSyncRecorder() as recorder:
+        x.sum().item()
+        bool((x > 0).any())
+        torch.tensor(3.0)
+        x.nonzero()
+        host = x.mean().to("cpu", copy=True)
+        host.clone().detach().item()  # what Lightning does with a logged host copy
+    assert {name for name, _ in recorder.found} == {"_local_scalar_dense", "lift_fresh", "nonzero"}
+    assert sum(recorder.found.values()) == 4
+    assert all(where.startswith(f"{__file__}:") for _, where in recorder.found), recorder.found
+
+
+def test_a_syncing_callback_is_caught(tmp_path: Path, synthetic_env: None) -> None:
+    """A callback reading the loss at every step (the mistake the test exists for) is reported with its line."""
+
+    class ReadsLoss(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            self.last = float(outputs["loss"])
+
+    audit = StepAudit()
+    trainer = L.Trainer(accelerator="cpu", max_epochs=1, limit_train_batches=STEPS, limit_val_batches=0,
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[audit, ReadsLoss()])  # fmt: skip
+    trainer.fit(DropoutMLP(), FashionMNISTDataModule(batch_size=32, val_size=100))
+    found = quiet_steps(audit)
+    assert all(sum(ops.values()) == 1 for ops in found.values()), found
+    assert all(name == "_local_scalar_dense" and "test_host_sync.py" in where
+               for ops in found.values() for name, where in ops)  # fmt: skip
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("name", ["nn.Dropout", "nn.Dropout, micro-batches", "population, micro-batches"])
+def test_gpu_training_steps_between_log_steps_do_not_sync(name: str, tmp_path: Path, synthetic_env: None) -> None:
+    """CUDA's sync detector (``torch.cuda.set_sync_debug_mode('error')``) armed over the quiet steps."""
+
+    class Armed(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            quiet = (batch_idx + 1) % LOG_EVERY != 0 and batch_idx != STEPS - 1 and batch_idx > 0
+            torch.cuda.set_sync_debug_mode("error" if quiet else "default")
+
+        def on_train_epoch_end(self, trainer, pl_module) -> None:
+            torch.cuda.set_sync_debug_mode("default")
+
+    L.seed_everything(0, verbose=False)
+    trainer = L.Trainer(
+        accelerator="gpu", devices=1, max_epochs=1, limit_train_batches=STEPS, limit_val_batches=2,
+        log_every_n_steps=LOG_EVERY, logger=TensorBoardLogger(tmp_path / "logs"), enable_model_summary=False,
+        callbacks=[Armed(), TQDMProgressBar(refresh_rate=1), ActivationVarianceMonitor(every_n_steps=LOG_EVERY),
+                   RNGStateCheckpoint(), DivergenceGuard(),
+                   LastEveryEpochCheckpoint(dirpath=tmp_path / "ckpt", monitor="val/acc", mode="max", save_last=True)],
+    )  # fmt: skip
+    try:
+        trainer.fit(MODELS[name](), FashionMNISTDataModule(batch_size=32, val_size=100))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert trainer.global_step > 0
