@@ -12,9 +12,8 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
-from torchmetrics.classification import MulticlassAccuracy
 
-from dropout_lab.nets import NUM_CLASSES
+from dropout_lab.metrics import TopOneAccuracy
 
 __all__ = ["ClassifierModule", "default_sgd"]
 
@@ -55,9 +54,7 @@ class ClassifierModule(L.LightningModule):
         self._warned_partial = False
         self.automatic_optimization = micro_batch_size is None
         self.loss_fn = nn.CrossEntropyLoss()
-        self.train_acc = MulticlassAccuracy(NUM_CLASSES, average="micro", validate_args=False)
-        self.val_acc = MulticlassAccuracy(NUM_CLASSES, average="micro", validate_args=False)
-        self.test_acc = MulticlassAccuracy(NUM_CLASSES, average="micro", validate_args=False)
+        self.train_acc, self.val_acc, self.test_acc = TopOneAccuracy(), TopOneAccuracy(), TopOneAccuracy()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits (B, 10) for images (B, 1, 28, 28)."""

@@ -3,11 +3,11 @@
 On a GPU a training step that reads a device value on the host (``.item()``, ``float()``, ``bool()``), builds a
 tensor from Python data (``torch.tensor(v, device=...)``: a blocking host-to-device copy) or runs an op whose
 output size depends on the data waits for the GPU: the CPU can no longer queue the next steps ahead, and the
-launch-bound MLP step gets no faster than CPU time + GPU time. :class:`HostSyncRecorder` sees those ops on the
-CPU too (``_local_scalar_dense``, ``lift_fresh``, ``nonzero`` ...), so the CPU test finds them without a GPU.
-Values read from an explicit host copy (``x.to("cpu", copy=True)`` and whatever is computed from it alone) are
-allowed: that copy is where the sync was paid, on a step that logs. The ``gpu`` test repeats the check with
-CUDA's own sync detector.
+launch-bound MLP step gets no faster than CPU time + GPU time. :class:`~dropout_lab.op_audit.OpRecorder` sees
+those ops on the CPU too (``_local_scalar_dense``, ``lift_fresh``, ``nonzero`` ...), so the CPU test finds them
+without a GPU. Values read from an explicit host copy (``x.to("cpu", copy=True)`` and whatever is computed from
+it alone) are allowed: that copy is where the sync was paid, on a step that logs. The ``gpu`` test repeats the
+check with CUDA's own sync detector.
 
 Each training step is audited from its ``on_train_batch_start`` to the next one, so the progress bar, the
 logger connector and every callback of the CLI's set are included. Steps that write logs (every
@@ -18,90 +18,22 @@ from __future__ import annotations
 
 from collections import Counter
 from pathlib import Path
-from typing import Any
 
 import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 from dropout_lab import idx
 from dropout_lab.callbacks import ActivationVarianceMonitor
 from dropout_lab.data import FashionMNISTDataModule
 from dropout_lab.models import DropConnectMLP, DropoutMLP, LeNet, ScratchDropoutMLP, StochasticActivationMLP
+from dropout_lab.op_audit import OpRecorder, StepAudit
 from dropout_lab.population import PopulationMLP
 from dropout_lab.reliability import DivergenceGuard, LastEveryEpochCheckpoint, RNGStateCheckpoint
 
-SYNCING_OPS = {
-    "_local_scalar_dense",  # item(), float(), int(), bool() of a tensor
-    "lift_fresh",  # torch.tensor / as_tensor of Python data: a host-to-device copy on a GPU
-    "nonzero", "masked_select", "_unique2", "unique_dim", "unique_consecutive",  # output size read on the host
-}  # fmt: skip
 STEPS, LOG_EVERY = 12, 5
-
-
-class HostSyncRecorder(TorchDispatchMode):
-    """Records the ops that would make the host wait for a GPU, with the line of our code or Lightning's."""
-
-    def __init__(self, host: dict[int, torch.Tensor] | None = None) -> None:
-        """``host``: known host values, shared by the recorders of one fit (a logged copy is read in later steps)."""
-        super().__init__()
-        self.found: Counter[tuple[str, str]] = Counter()
-        self._host = {} if host is None else host  # explicit host copies and values computed from them alone
-
-    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        name = func.overloadpacket.__name__
-        inputs = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
-        if (name == "_to_copy" and kwargs.get("device") == torch.device("cpu")) or (
-            inputs and all(id(t) in self._host for t in inputs)
-        ):
-            self._host.update({id(t): t for t in tree_leaves(out) if isinstance(t, torch.Tensor)})
-        elif name in SYNCING_OPS:
-            self.found[name, _caller()] += 1
-        return out
-
-
-def _caller() -> str:
-    """The innermost frame outside torch: the line that asked for the op."""
-    import traceback
-
-    frames = [f for f in traceback.extract_stack()[:-2] if "/torch/" not in f.filename]  # not this, not the mode
-    frame = frames[-1]
-    return f"{frame.filename.split('site-packages/')[-1]}:{frame.lineno}"
-
-
-class StepAudit(L.Callback):
-    """One :class:`HostSyncRecorder` per training step, from its batch start to the next one's."""
-
-    def __init__(self) -> None:
-        self.steps: dict[int, HostSyncRecorder] = {}
-        self._open: tuple[int, HostSyncRecorder] | None = None
-        self._host: dict[int, torch.Tensor] = {}
-
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
-                             batch_idx: int) -> None:  # fmt: skip
-        self._close()
-        recorder = HostSyncRecorder(self._host)
-        recorder.__enter__()
-        self._open = batch_idx, recorder
-
-    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._close()
-
-    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        self._close()
-
-    def _close(self) -> None:
-        if self._open is not None:
-            batch_idx, recorder = self._open
-            recorder.__exit__(None, None, None)
-            self.steps[batch_idx] = recorder
-            self._open = None
 
 
 def audit_fit(model: L.LightningModule, batch_size: int, tmp_path: Path) -> StepAudit:
@@ -123,7 +55,7 @@ def quiet_steps(audit: StepAudit) -> dict[int, Counter]:
     """What each step that neither logs nor ends the epoch dispatched of :data:`SYNCING_OPS` (by op and line)."""
     loud = {i for i in range(STEPS) if (i + 1) % LOG_EVERY == 0} | {STEPS - 1}
     assert len(audit.steps) == STEPS
-    return {i: rec.found for i, rec in audit.steps.items() if i not in loud}
+    return {i: rec.syncing for i, rec in audit.steps.items() if i not in loud}
 
 
 def population() -> PopulationMLP:
@@ -159,16 +91,16 @@ def test_training_steps_between_log_steps_do_not_sync(name: str, tmp_path: Path,
 def test_the_recorder_finds_host_syncs() -> None:
     """The recorder catches each kind of sync, and lets values read from an explicit host copy pass."""
     x = torch.randn(8)
-    with HostSyncRecorder() as recorder:
+    with OpRecorder() as recorder:
         x.sum().item()
         bool((x > 0).any())
         torch.tensor(3.0)
         x.nonzero()
         host = x.mean().to("cpu", copy=True)
         host.clone().detach().item()  # what Lightning does with a logged host copy
-    assert {name for name, _ in recorder.found} == {"_local_scalar_dense", "lift_fresh", "nonzero"}
-    assert sum(recorder.found.values()) == 4
-    assert all(where.startswith(f"{__file__}:") for _, where in recorder.found), recorder.found
+    assert {name for name, _ in recorder.syncing} == {"_local_scalar_dense", "lift_fresh", "nonzero"}
+    assert sum(recorder.syncing.values()) == 4
+    assert all(where.startswith(f"{__file__}:") for _, where in recorder.syncing), recorder.syncing
 
 
 def test_a_syncing_callback_is_caught(tmp_path: Path, synthetic_env: None) -> None:
