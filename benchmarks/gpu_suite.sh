@@ -5,13 +5,14 @@
 #   tests        pytest -m gpu (CUDA graphs keep dropout masks fresh; compiled/fused/micro-batch curves = eager)
 #   speed-mlp    benchmarks/speed.py --model mlp: every training path, DataLoader with 0 and 4 workers
 #   speed-lenet  benchmarks/speed.py --model lenet
+#   ops          benchmarks/ops_per_step.py, MLP and LeNet: computing and syncing ops per step on CUDA tensors
 #   compile      benchmarks/compile_step.py --mode reduce-overhead: one step eager vs CUDA graphs, p = 0 and 0.5
 #   mc           benchmarks/mc_dropout.py: vectorized mc_predict vs a loop of T forwards
 #   population   benchmarks/population.py, then the whole swap study as one PopulationMLP fit, timed, as
 #                configured and with micro-batches 8 + CUDA graphs + TF32
 #   jobs         benchmarks/study_jobs.py: does `study --jobs 2` help on one GPU?
 #   all          every stage above (longer than one 10-minute device call: split it, e.g.
-#                "tests speed-mlp", "speed-lenet mc", "population jobs")
+#                "tests ops speed-mlp", "speed-lenet compile mc", "population jobs")
 #
 # Inputs: $FASHION_MNIST_DIR (default .gpu/data: the four *-ubyte.gz files) and, if the machine lacks
 # jsonargparse, its wheels in .gpu/whl (installed into /tmp/site). Logs go to $OUT (default results/gpu), one
@@ -19,10 +20,10 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 stages=("$@")
-[ ${#stages[@]} -eq 0 ] && { sed -n '2,18p' "$0"; exit 2; }
-[ "${stages[0]}" = all ] && stages=(tests speed-mlp speed-lenet compile mc population jobs)
+[ ${#stages[@]} -eq 0 ] && { sed -n '2,19p' "$0"; exit 2; }
+[ "${stages[0]}" = all ] && stages=(tests ops speed-mlp speed-lenet compile mc population jobs)
 for stage in "${stages[@]}"; do
-    case $stage in tests | speed-mlp | speed-lenet | compile | mc | population | jobs) ;;
+    case $stage in tests | ops | speed-mlp | speed-lenet | compile | mc | population | jobs) ;;
         *) echo "unknown stage: $stage (see the header of $0)" >&2; exit 2 ;;
     esac
 done
@@ -63,6 +64,9 @@ population_fit() {  # the swap study (8 cells x seeds 0-2) as one fit, extra CLI
 for stage in "${stages[@]}"; do
     case $stage in
         tests) run tests "$py" -m pytest -m gpu -q -p no:cacheprovider tests ;;
+        ops)
+            run ops-mlp "$py" benchmarks/ops_per_step.py --model mlp --device gpu
+            run ops-lenet "$py" benchmarks/ops_per_step.py --model lenet --device gpu ;;
         speed-mlp) run speed-mlp "$py" benchmarks/speed.py --model mlp --rounds 3 --workers 0 4 ;;
         speed-lenet) run speed-lenet "$py" benchmarks/speed.py --model lenet --rounds 3 --workers 4 ;;
         compile) run compile "$py" benchmarks/compile_step.py --mode reduce-overhead --device gpu ;;
