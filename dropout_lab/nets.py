@@ -91,8 +91,9 @@ class ScratchMLP(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """Logits (B, 10): ``H = dropout(act(X W + b))`` per hidden layer, then ``H W + b``."""
         h = x.reshape(x.shape[0], -1)
-        for w, b, drop in zip(self.weights[:-1], self.biases[:-1], self.dropouts, strict=True):
-            h = drop(self.activation(h @ w + b))
+        # indexed, not sliced: torch 2.11's compiler cannot trace a ParameterList slice (a graph break)
+        for i, drop in enumerate(self.dropouts):
+            h = drop(self.activation(h @ self.weights[i] + self.biases[i]))
         return h @ self.weights[-1] + self.biases[-1]
 
 

@@ -23,7 +23,14 @@ from torch.utils.data import DataLoader, TensorDataset
 from dropout_lab import idx
 from dropout_lab.callbacks import ActivationVarianceMonitor
 from dropout_lab.data import FashionMNISTDataModule
-from dropout_lab.models import DropoutMLP, LeNet, ScratchDropoutMLP
+from dropout_lab.models import (
+    DropConnectMLP,
+    DropoutMLP,
+    GaussianDropoutMLP,
+    LeNet,
+    ScratchDropoutMLP,
+    StochasticActivationMLP,
+)
 from dropout_lab.population import PopulationMLP
 from dropout_lab.reliability import DivergenceError, DivergenceGuard, RNGStateCheckpoint
 from dropout_lab.speed import CompileModule
@@ -391,3 +398,27 @@ def test_gpu_cuda_graph_fit_follows_the_eager_curve(dropouts: tuple[float, float
         torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-4)
     else:
         assert abs(b[-10:].mean() / a[-10:].mean() - 1) < 0.03, (a, b)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [DropoutMLP, ScratchDropoutMLP, DropConnectMLP, StochasticActivationMLP, GaussianDropoutMLP, LeNet,
+     lambda: PopulationMLP(dropouts=[[0.5, 0.5], [0.1, 0.9]], members_per_cell=2)],
+    ids=["nn.Dropout", "scratch", "DropConnect", "stochastic", "gaussian", "LeNet", "population"],
+)  # fmt: skip
+def test_every_model_compiles_without_graph_breaks(make) -> None:
+    """Each model's forward is one graph (``fullgraph=True`` raises at a break), in training and in eval.
+
+    A break splits ``CompileModule``'s CUDA graphs and puts Python between the pieces; torch 2.11's compiler,
+    for one, broke on a ``ParameterList`` slice in the scratch MLP. Dynamo does the tracing whatever the backend,
+    so the test uses ``aot_eager`` (seconds, not the minutes of Inductor's code generation).
+    """
+    torch._dynamo.reset()
+    model = make()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    x = torch.randn(8, 1, 28, 28)
+    compiled(x).float().sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x))  # eval: deterministic, the same logits as eager
