@@ -163,6 +163,53 @@ def test_ddp_on_two_cpu_processes(tmp_path: Path, shared_gz_dir: Path) -> None:
     assert found and float(found[-1]) == pytest.approx(ddp_acc, abs=1e-6), single.stdout
 
 
+SAVE_WEIGHTS = '''
+import torch
+from lightning.pytorch.callbacks import Callback
+
+
+class SaveWeights(Callback):
+    """Save each rank's weights after fit as ``<folder>/rank<r>.pt``.
+
+    Args:
+        folder: where to write.
+    """
+
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        torch.save(pl_module.state_dict(), f"{self.folder}/rank{trainer.global_rank}.pt")
+'''
+
+
+def test_ddp_with_micro_batches_keeps_the_ranks_equal(tmp_path: Path, shared_gz_dir: Path) -> None:
+    """Every micro-batch's backward all-reduces the gradients: both ranks make the same 4 updates per batch.
+
+    Without the all-reduce the two ranks, which train on different halves of the data, would drift apart.
+    """
+    helpers = tmp_path / "helpers"
+    helpers.mkdir()
+    (helpers / "rankdump.py").write_text(SAVE_WEIGHTS)
+    env = cli_env(shared_gz_dir)
+    env["PYTHONPATH"] = f"{helpers}:{env['PYTHONPATH']}"
+    args = ["fit", "--config", str(MLP), *local(tmp_path), "--data.val_size", "100", "--data.batch_size", "64",
+            "--model.init_args.micro_batch_size", "16", "--trainer.max_epochs", "2",
+            "--trainer.enable_progress_bar", "false", "--test_after_fit", "false",
+            "--trainer.strategy", "ddp", "--trainer.devices", "2",
+            "--trainer.callbacks+=rankdump.SaveWeights", "--trainer.callbacks.folder", str(tmp_path)]  # fmt: skip
+    run = start(args, tmp_path, env)
+    out = run.communicate(timeout=300)[0]
+    assert run.returncode == 0, out[-4000:]
+    (folder,) = (tmp_path / "logs").glob("*/version_*")
+    ckpt = torch.load(folder / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 2 * 4 * math.ceil(250 / 64)  # 4 micro-batch updates per batch of each half
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    for key, value in ranks[0].items():  # the two halves differ (test_data's shard tests), the weights do not
+        assert torch.equal(value, ranks[1][key]), key
+        assert torch.equal(value, ckpt["state_dict"][key]), key
+
+
 # --- in process -----------------------------------------------------------------------------------------------
 
 
