@@ -15,8 +15,12 @@ and each Trainer path once more with the training accuracy of torchmetrics' ``Mu
 the classifiers' ``TopOneAccuracy``. Steps from the third Lightning step on are counted (the first ones create
 state), log steps included at their natural rate, and the table shows the means per optimizer step.
 
+``--model population`` counts the swap study of ``configs/population_swap.yaml`` (8 cells × 3 seeds) as one
+``PopulationMLP`` (which counts its accuracy itself, so without the torchmetrics rows; its bare loop sums the
+members' losses and adds the weight decay as the module does).
+
 Usage:
-    python benchmarks/ops_per_step.py [--model mlp|lenet] [--steps 104] [--device auto]
+    python benchmarks/ops_per_step.py [--model mlp|lenet|population] [--weight-decay 0] [--steps 104]
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+import yaml
 from lightning.pytorch.loggers import TensorBoardLogger
 from torchmetrics.classification import MulticlassAccuracy
 
@@ -42,9 +47,20 @@ from speed import BATCH, add_device_args, chosen_device, device_name, make_model
 from dropout_lab.callbacks import ActivationVarianceMonitor  # noqa: E402
 from dropout_lab.data import FashionMNISTDataModule  # noqa: E402
 from dropout_lab.op_audit import OpRecorder, StepAudit  # noqa: E402
+from dropout_lab.population import PopulationMLP  # noqa: E402
 from dropout_lab.reliability import DivergenceGuard, LastEveryEpochCheckpoint, RNGStateCheckpoint  # noqa: E402
 
 WARMUP = 2  # Lightning steps left out of the count
+SWAP = ROOT / "configs" / "population_swap.yaml"
+
+
+def build(kind: str, micro_batch_size: int | None = None, wd: float = 0.0) -> L.LightningModule:
+    """``speed.make_model``'s networks, or the swap study's population (``configs/population_swap.yaml``)."""
+    if kind == "population":
+        cells = yaml.safe_load(SWAP.read_text())["model"]["init_args"]["dropouts"]
+        return PopulationMLP(dropouts=cells, weight_decays=[wd], members_per_cell=3,
+                             micro_batch_size=micro_batch_size)  # fmt: skip
+    return make_model(kind, micro_batch_size=micro_batch_size)
 
 
 def bare_counts(args: argparse.Namespace, device: torch.device) -> tuple[Counter, Counter, int]:
@@ -52,7 +68,7 @@ def bare_counts(args: argparse.Namespace, device: torch.device) -> tuple[Counter
     torch.manual_seed(0)
     images = torch.randint(0, 256, (BATCH * (args.steps + WARMUP), 28, 28), dtype=torch.uint8, device=device)
     labels = torch.randint(0, 10, (len(images),), device=device)
-    model = make_model(args.model).to(device)
+    model = build(args.model, wd=args.weight_decay).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     loss_fn = torch.nn.CrossEntropyLoss()
     recorder = OpRecorder()
@@ -60,9 +76,14 @@ def bare_counts(args: argparse.Namespace, device: torch.device) -> tuple[Counter
         if step == WARMUP:
             recorder.__enter__()
         x = images[idx].unsqueeze(1).to(torch.float32).mul_(1 / 255)
-        loss = loss_fn(model(x), labels[idx])
+        if isinstance(model, PopulationMLP):  # each member's mean loss, summed; weight decay as the module adds it
+            loss = model.member_losses(model(x), labels[idx]).sum()
+        else:
+            loss = loss_fn(model(x), labels[idx])
         optimizer.zero_grad()
         loss.backward()
+        if isinstance(model, PopulationMLP):
+            model.on_before_optimizer_step(optimizer)
         optimizer.step()
     recorder.__exit__(None, None, None)
     return recorder.computing, recorder.syncing, args.steps
@@ -72,7 +93,7 @@ def trainer_counts(args: argparse.Namespace, device: torch.device, micro: int, t
                    data_dir: str, root: str) -> tuple[Counter, Counter, int]:  # fmt: skip
     """Ops of the Trainer's steps after the warm-up, per path; returns the counters and the optimizer steps."""
     audit = StepAudit()
-    model = make_model(args.model, micro_batch_size=BATCH if micro > 1 else None)
+    model = build(args.model, BATCH if micro > 1 else None, args.weight_decay)
     if torchmetrics_acc:
         model.train_acc = MulticlassAccuracy(10, average="micro", validate_args=False)
     L.seed_everything(0, verbose=False)
@@ -96,7 +117,13 @@ def trainer_counts(args: argparse.Namespace, device: torch.device, micro: int, t
 def main() -> None:
     """Count every path and print the table."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="mlp", choices=["mlp", "lenet"], help="the benchmarked network")
+    parser.add_argument(
+        "--model",
+        default="mlp",
+        choices=["mlp", "lenet", "population"],
+        help="the benchmarked network (population: the 24 members of configs/population_swap.yaml)",
+    )
+    parser.add_argument("--weight-decay", type=float, default=0.0, help="the population's weight decay (all cells)")
     parser.add_argument("--steps", type=int, default=104, help="optimizer steps counted per path")
     parser.add_argument("--data-dir", default="data", help="FashionMNIST folder (torchvision layout)")
     add_device_args(parser)
@@ -105,7 +132,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as root:
         rows = {"bare loop, eager": bare_counts(args, device)}
         for micro in (1, 8):
-            for tm in (False, True):
+            for tm in (False, True) if args.model != "population" else (False,):
                 name = "trainer, tensor loader" + (f" + micro-batches {micro}" if micro > 1 else "")
                 name += ", torchmetrics MulticlassAccuracy" if tm else ""
                 rows[name] = trainer_counts(args, device, micro, tm, args.data_dir, f"{root}/{len(rows)}")
