@@ -27,9 +27,10 @@ def batches(n: int = 192, seed: int = 0) -> DataLoader:
     return DataLoader(TensorDataset(x, y), batch_size=64, shuffle=False)
 
 
-def fit(model: L.LightningModule, steps: int) -> None:
+def fit(model: L.LightningModule, steps: int, accumulate: int = 1) -> None:
     trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+                        enable_progress_bar=False, enable_model_summary=False,
+                        accumulate_grad_batches=accumulate)  # fmt: skip
     trainer.fit(model, train_dataloaders=batches())
 
 
@@ -37,8 +38,12 @@ def linears(module: nn.Module) -> list[nn.Linear]:
     return [m for m in module.modules() if isinstance(m, nn.Linear)]
 
 
-def test_members_train_exactly_like_independent_models() -> None:
-    """No dropout (so no randomness): 2 cells (weight decay 0 and 0.05) × 2 members vs 4 DropoutMLPs."""
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_members_train_exactly_like_independent_models(accumulate: int) -> None:
+    """No dropout (so no randomness): 2 cells (weight decay 0 and 0.05) × 2 members vs 4 DropoutMLPs.
+
+    With ``accumulate_grad_batches`` 2 too: the weight decay is added once per optimizer step, as SGD adds it.
+    """
     wds = [0.0, 0.0, 0.05, 0.05]
     sgd = partial(torch.optim.SGD, lr=0.1, momentum=0.9)
     singles = []
@@ -51,8 +56,8 @@ def test_members_train_exactly_like_independent_models() -> None:
         for layer, linear in zip(stacked, linears(single), strict=True):
             layer.load_linear(k, linear)
     for single in singles:
-        fit(single, steps=6)
-    fit(pop, steps=6)
+        fit(single, steps=6, accumulate=accumulate)
+    fit(pop, steps=6, accumulate=accumulate)
     for k, single in enumerate(singles):
         for layer, linear in zip(stacked, linears(single), strict=True):
             torch.testing.assert_close(layer.weight[k].T, linear.weight, rtol=1e-4, atol=1e-5)
