@@ -5,7 +5,8 @@
 #   tests        pytest -m gpu (CUDA graphs keep dropout masks fresh; compiled/fused/micro-batch curves = eager)
 #   speed-mlp    benchmarks/speed.py --model mlp: every training path, DataLoader with 0 and 4 workers
 #   speed-lenet  benchmarks/speed.py --model lenet
-#   ops          benchmarks/ops_per_step.py, MLP and LeNet: computing and syncing ops per step on CUDA tensors
+#   ops          benchmarks/ops_per_step.py (MLP, LeNet, population): computing and syncing ops per step on CUDA
+#                tensors; benchmarks/accuracy_update.py: TopOneAccuracy vs MulticlassAccuracy, µs per update
 #   compile      benchmarks/compile_step.py --mode reduce-overhead: one step eager vs CUDA graphs, p = 0 and 0.5
 #   mc           benchmarks/mc_dropout.py: vectorized mc_predict vs a loop of T forwards
 #   population   benchmarks/population.py, then the whole swap study as one PopulationMLP fit, timed, as
@@ -20,7 +21,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 stages=("$@")
-[ ${#stages[@]} -eq 0 ] && { sed -n '2,19p' "$0"; exit 2; }
+[ ${#stages[@]} -eq 0 ] && { sed -n '2,20p' "$0"; exit 2; }
 [ "${stages[0]}" = all ] && stages=(tests ops speed-mlp speed-lenet compile mc population jobs)
 for stage in "${stages[@]}"; do
     case $stage in tests | ops | speed-mlp | speed-lenet | compile | mc | population | jobs) ;;
@@ -66,7 +67,9 @@ for stage in "${stages[@]}"; do
         tests) run tests "$py" -m pytest -m gpu -q -p no:cacheprovider tests ;;
         ops)
             run ops-mlp "$py" benchmarks/ops_per_step.py --model mlp --device gpu
-            run ops-lenet "$py" benchmarks/ops_per_step.py --model lenet --device gpu ;;
+            run ops-lenet "$py" benchmarks/ops_per_step.py --model lenet --device gpu
+            run ops-population "$py" benchmarks/ops_per_step.py --model population --device gpu
+            run accuracy-update "$py" benchmarks/accuracy_update.py --device gpu ;;
         speed-mlp) run speed-mlp "$py" benchmarks/speed.py --model mlp --rounds 3 --workers 0 4 ;;
         speed-lenet) run speed-lenet "$py" benchmarks/speed.py --model lenet --rounds 3 --workers 4 ;;
         compile) run compile "$py" benchmarks/compile_step.py --mode reduce-overhead --device gpu ;;
