@@ -2,7 +2,8 @@
 # The GPU measurements of the README's Performance section, as stages of one script for a CUDA machine.
 #
 # Usage (repo root, on the GPU machine):  bash benchmarks/gpu_suite.sh STAGE [STAGE ...]
-#   tests        pytest -m gpu (CUDA graphs keep dropout masks fresh; compiled/fused/micro-batch curves = eager)
+#   tests        pytest -m gpu (CUDA graphs keep dropout masks fresh; compiled/fused/micro-batch curves = eager;
+#                no host syncs), then the compiler tests of tests/test_speed.py under this machine's torch
 #   speed-mlp    benchmarks/speed.py --model mlp: every training path, DataLoader with 0 and 4 workers
 #   speed-lenet  benchmarks/speed.py --model lenet
 #   ops          benchmarks/ops_per_step.py (MLP, LeNet, population): computing and syncing ops per step on CUDA
@@ -21,7 +22,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 stages=("$@")
-[ ${#stages[@]} -eq 0 ] && { sed -n '2,20p' "$0"; exit 2; }
+[ ${#stages[@]} -eq 0 ] && { sed -n '2,21p' "$0"; exit 2; }
 [ "${stages[0]}" = all ] && stages=(tests ops speed-mlp speed-lenet compile mc population jobs)
 for stage in "${stages[@]}"; do
     case $stage in tests | ops | speed-mlp | speed-lenet | compile | mc | population | jobs) ;;
@@ -64,7 +65,10 @@ population_fit() {  # the swap study (8 cells x seeds 0-2) as one fit, extra CLI
 "$py" -c "import torch; print('device:', torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA')"
 for stage in "${stages[@]}"; do
     case $stage in
-        tests) run tests "$py" -m pytest -m gpu -q -p no:cacheprovider tests ;;
+        tests)
+            run tests "$py" -m pytest -m gpu -q -p no:cacheprovider tests
+            # CPU tests that depend on the torch version (the GPU machine's differs from CI's)
+            run tests-compile "$py" -m pytest -q -p no:cacheprovider tests/test_speed.py -k "graph_breaks or compiled" ;;
         ops)
             run ops-mlp "$py" benchmarks/ops_per_step.py --model mlp --device gpu
             run ops-lenet "$py" benchmarks/ops_per_step.py --model lenet --device gpu

@@ -96,6 +96,7 @@ class ClassifierModule(L.LightningModule):
         if self._log_now():
             # Logged as a host copy: after every batch Lightning turns the progress bar's values into numbers,
             # which for a value on the GPU is a host sync at every step; this way only the logging steps sync.
+            # (copy=True makes the copy an op on a CPU too, so dropout_lab.op_audit can follow it.)
             self.log("train/loss", loss.detach().to("cpu", copy=True), on_step=True, on_epoch=False, prog_bar=True)
 
     def _micro_batch_steps(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

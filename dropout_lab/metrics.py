@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torchmetrics import Metric
 
@@ -24,8 +26,9 @@ class TopOneAccuracy(Metric):
     correct: torch.Tensor
     total: torch.Tensor
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, **kwargs: Any) -> None:
+        """``kwargs``: torchmetrics' ``Metric`` options (``sync_on_compute``, ``dist_sync_on_step`` ...)."""
+        super().__init__(**kwargs)
         self.add_state("correct", torch.tensor(0), dist_reduce_fx="sum")
         self.add_state("total", torch.tensor(0), dist_reduce_fx="sum")
 

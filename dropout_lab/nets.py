@@ -73,6 +73,8 @@ class ScratchMLP(nn.Module):
         weight_std: float | None = None,
     ) -> None:
         super().__init__()
+        if len(dropouts) != len(hidden_sizes):
+            raise ValueError(f"dropouts: one per hidden layer ({len(hidden_sizes)}), got {list(dropouts)}")
         sizes = [NUM_INPUTS, *hidden_sizes, NUM_CLASSES]
         self.weights = nn.ParameterList()
         self.biases = nn.ParameterList()

@@ -5,7 +5,8 @@ On a GPU the d2l MLP's step is bound by per-op launch and Python costs, and by h
 Both show up as the ops PyTorch dispatches, which a :class:`~torch.utils._python_dispatch.TorchDispatchMode`
 sees on the CPU as well: :class:`OpRecorder` counts them, :class:`StepAudit` does it per training step of a
 ``fit``. ``benchmarks/ops_per_step.py`` prints the counts per path; ``tests/test_host_sync.py`` asserts that no
-step between log steps syncs. Used by tests and benchmarks only: recording slows every op down.
+step between log steps syncs (:class:`OpRecorder` says what a CPU run cannot see). Used by tests and benchmarks
+only: recording slows every op down.
 """
 
 from __future__ import annotations
@@ -35,9 +36,14 @@ VIEW_OPS = frozenset({
 class OpRecorder(TorchDispatchMode):
     """Counts the ops that compute (a kernel each on a GPU) and records the ops that would sync with a GPU.
 
-    A syncing op is recorded with the line of code outside torch that asked for it. Explicit host copies
-    (``x.to("cpu", copy=True)``) are counted, and what is computed from such copies alone is neither counted nor
-    a sync: it is host work even on a GPU machine, and the copy is where the sync was paid.
+    A syncing op is recorded with the line of code outside torch that asked for it. An explicit host copy
+    (``x.to("cpu", copy=True)``) is recorded as one, and what is computed from such copies alone is neither
+    counted nor a sync: it is host work even on a GPU machine, and the copy is where the sync was paid.
+
+    Blind spots on a CPU: ``.cpu()``, ``.to("cpu")``, ``.tolist()`` and ``.numpy()`` of a CPU tensor dispatch
+    nothing, so only a run on a GPU (the ``gpu`` test, with CUDA's own detector) sees those. The op counts are the
+    dispatching device's: a CPU ``nn.Dropout`` is four ops where CUDA runs one fused ``native_dropout``, and
+    CUDA's SGD uses ``_foreach`` ops.
 
     Args:
         host: the known host copies, shared by the recorders of one fit (a value logged in one step is read
@@ -59,9 +65,10 @@ class OpRecorder(TorchDispatchMode):
         if inputs and all(id(t) in self._host for t in inputs):  # host work, also on a GPU machine
             self._host.update({id(t): t for t in tree_leaves(out) if isinstance(t, torch.Tensor)})
             return out
-        if name == "_to_copy" and kwargs.get("device") == torch.device("cpu"):  # the explicit host copy
+        to_host = name == "_to_copy" and kwargs.get("device") == torch.device("cpu")
+        if to_host:  # an explicit host copy: itself a sync (a device-to-host copy on a GPU), its results are not
             self._host.update({id(t): t for t in tree_leaves(out) if isinstance(t, torch.Tensor)})
-        if name in SYNCING_OPS:
+        if name in SYNCING_OPS or to_host:
             self.syncing[name, _caller()] += 1
         if name not in VIEW_OPS and name not in ("_local_scalar_dense", "lift_fresh"):  # copies, not kernels
             self.computing[name] += 1

@@ -229,11 +229,12 @@ class PopulationMLP(ClassifierModule):
 
     @torch.no_grad()
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Add each member's ``wd · θ`` to its gradients, as ``torch.optim.SGD(weight_decay=wd)`` does.
+        """Add each member's ``wd · θ`` to its gradients, the term ``torch.optim.SGD(weight_decay=wd)`` adds.
 
-        Once per optimizer step (also with gradient accumulation or micro-batches), before gradient clipping, in
-        one op per parameter; as an L2 term of the loss it cost about 50 ops a step (forward and backward), and
-        the swap study (all wd = 0) paid them for nothing.
+        Once per optimizer step (also with gradient accumulation or micro-batches), after the backward and
+        before Lightning's gradient clipping (so a clipped gradient includes it, as with the L2 loss term this
+        replaces; SGD would add it after clipping), in one op per parameter. As an L2 term of the loss it cost
+        about 50 ops a step (forward and backward), and the swap study (all wd = 0) paid them for nothing.
         """
         if not self._decays:
             return

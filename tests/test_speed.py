@@ -422,3 +422,10 @@ def test_every_model_compiles_without_graph_breaks(make) -> None:
     model.eval()
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), model(x))  # eval: deterministic, the same logits as eager
+
+
+def test_scratch_mlp_needs_one_dropout_per_hidden_layer() -> None:
+    from dropout_lab.nets import ScratchMLP
+
+    with pytest.raises(ValueError, match="one per hidden layer"):
+        ScratchMLP([256, 256], [0.5])
