@@ -126,6 +126,13 @@ def shared_gz_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
+def synthetic_env(monkeypatch: pytest.MonkeyPatch, shared_gz_dir: Path, tmp_path: Path) -> None:
+    """The synthetic set (600 training images, 100 of them for validation), from an empty working folder."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(idx.ENV_DIR, str(shared_gz_dir))
+
+
+@pytest.fixture
 def tv_data_dir(tmp_path: Path) -> Path:
     """A ``data_dir`` holding the raw IDX files in torchvision's layout (``FashionMNIST/raw/*-ubyte``)."""
     data_dir = tmp_path / "tv-data"

@@ -25,7 +25,6 @@ import torch
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from dropout_lab import idx
 from dropout_lab.callbacks import ActivationVarianceMonitor
 from dropout_lab.data import FashionMNISTDataModule
 from dropout_lab.models import (
@@ -81,12 +80,6 @@ MODELS = {  # each trained with batch 32
     "LeNet": LeNet,
     "population, micro-batches": population,
 }
-
-
-@pytest.fixture
-def synthetic_env(monkeypatch: pytest.MonkeyPatch, shared_gz_dir: Path, tmp_path: Path) -> None:
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv(idx.ENV_DIR, str(shared_gz_dir))
 
 
 @pytest.mark.parametrize("name", list(MODELS))

@@ -39,13 +39,6 @@ ROOT = Path(__file__).resolve().parents[1]
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-@pytest.fixture
-def synthetic_env(monkeypatch: pytest.MonkeyPatch, shared_gz_dir: Path, tmp_path: Path) -> None:
-    """The synthetic set (600 training images, 100 of them for validation), from an empty working folder."""
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv(idx.ENV_DIR, str(shared_gz_dir))
-
-
 class LossCurve(L.Callback):
     """Every training step's loss (as returned by the step), on the host at the end of fit."""
 
