@@ -42,26 +42,29 @@ from dropout_lab.reliability import DivergenceGuard, LastEveryEpochCheckpoint, R
 STEPS, LOG_EVERY = 12, 5
 
 
-def audit_fit(model: L.LightningModule, batch_size: int, tmp_path: Path) -> StepAudit:
-    """A 12-step CPU fit with the callbacks the CLI adds (progress bar refreshed every step, TensorBoard)."""
-    audit = StepAudit()
+def cli_like_fit(model: L.LightningModule, tmp_path: Path, watcher: L.Callback, accelerator: str = "cpu") -> L.Trainer:
+    """A 12-step fit (batch 32) with the callbacks the CLI adds (progress bar refreshed every step, TensorBoard)."""
     L.seed_everything(0, verbose=False)
     trainer = L.Trainer(
-        accelerator="cpu", max_epochs=1, limit_train_batches=STEPS, limit_val_batches=2, log_every_n_steps=LOG_EVERY,
-        logger=TensorBoardLogger(tmp_path / "logs"), enable_model_summary=False,
-        callbacks=[audit, TQDMProgressBar(refresh_rate=1), ActivationVarianceMonitor(every_n_steps=LOG_EVERY),
+        accelerator=accelerator, devices=1, max_epochs=1, limit_train_batches=STEPS, limit_val_batches=2,
+        log_every_n_steps=LOG_EVERY, logger=TensorBoardLogger(tmp_path / "logs"), enable_model_summary=False,
+        callbacks=[watcher, TQDMProgressBar(refresh_rate=1), ActivationVarianceMonitor(every_n_steps=LOG_EVERY),
                    RNGStateCheckpoint(), DivergenceGuard(),
                    LastEveryEpochCheckpoint(dirpath=tmp_path / "ckpt", monitor="val/acc", mode="max", save_last=True)],
     )  # fmt: skip
-    trainer.fit(model, FashionMNISTDataModule(batch_size=batch_size, val_size=100))
-    return audit
+    trainer.fit(model, FashionMNISTDataModule(batch_size=32, val_size=100))
+    return trainer
+
+
+def is_loud(batch_idx: int) -> bool:
+    """Steps that may sync: the logging steps and the epoch's last."""
+    return (batch_idx + 1) % LOG_EVERY == 0 or batch_idx == STEPS - 1
 
 
 def quiet_steps(audit: StepAudit) -> dict[int, Counter]:
     """What each step that neither logs nor ends the epoch dispatched of :data:`SYNCING_OPS` (by op and line)."""
-    loud = {i for i in range(STEPS) if (i + 1) % LOG_EVERY == 0} | {STEPS - 1}
     assert len(audit.steps) == STEPS
-    return {i: rec.syncing for i, rec in audit.steps.items() if i not in loud}
+    return {i: rec.syncing for i, rec in audit.steps.items() if not is_loud(i)}
 
 
 def population() -> PopulationMLP:
@@ -84,7 +87,8 @@ MODELS = {  # each trained with batch 32
 
 @pytest.mark.parametrize("name", list(MODELS))
 def test_training_steps_between_log_steps_do_not_sync(name: str, tmp_path: Path, synthetic_env: None) -> None:
-    audit = audit_fit(MODELS[name](), 32, tmp_path)
+    audit = StepAudit()
+    cli_like_fit(MODELS[name](), tmp_path, audit)
     found = quiet_steps(audit)
     assert all(not ops for ops in found.values()), {i: dict(ops) for i, ops in found.items() if ops}
 
@@ -130,22 +134,14 @@ def test_gpu_training_steps_between_log_steps_do_not_sync(name: str, tmp_path: P
 
     class Armed(L.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-            quiet = (batch_idx + 1) % LOG_EVERY != 0 and batch_idx != STEPS - 1 and batch_idx > 0
+            quiet = not is_loud(batch_idx) and batch_idx > 0  # step 0 also sets up CUDA libraries
             torch.cuda.set_sync_debug_mode("error" if quiet else "default")
 
         def on_train_epoch_end(self, trainer, pl_module) -> None:
             torch.cuda.set_sync_debug_mode("default")
 
-    L.seed_everything(0, verbose=False)
-    trainer = L.Trainer(
-        accelerator="gpu", devices=1, max_epochs=1, limit_train_batches=STEPS, limit_val_batches=2,
-        log_every_n_steps=LOG_EVERY, logger=TensorBoardLogger(tmp_path / "logs"), enable_model_summary=False,
-        callbacks=[Armed(), TQDMProgressBar(refresh_rate=1), ActivationVarianceMonitor(every_n_steps=LOG_EVERY),
-                   RNGStateCheckpoint(), DivergenceGuard(),
-                   LastEveryEpochCheckpoint(dirpath=tmp_path / "ckpt", monitor="val/acc", mode="max", save_last=True)],
-    )  # fmt: skip
     try:
-        trainer.fit(MODELS[name](), FashionMNISTDataModule(batch_size=32, val_size=100))
+        trainer = cli_like_fit(MODELS[name](), tmp_path, Armed(), accelerator="gpu")
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert trainer.global_step > 0
