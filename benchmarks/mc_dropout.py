@@ -1,5 +1,8 @@
 """MC dropout: vectorized ``mc_predict`` (batch repeated T times, chunked) vs a Python loop of T forwards.
 
+``mc_predict`` runs by default with ``share_prefix`` (the layers before the first dropout once per input);
+the third path is ``share_prefix=False`` (every copy through the whole net), to show what that lever is worth.
+
 Two cases, side by side in one process, on the d2l MLP (784-256-256-10, dropout 0.5/0.5):
 (a) few inputs, many passes: 12 images x T = 1000 (the loop pays T small forwards; the vectorized path a few
 large ones); (b) many inputs, fewer passes: the 10k test images x T = 100 (the loop's forwards are already
@@ -87,6 +90,7 @@ def main() -> None:
     }
     paths: dict[str, Callable[[torch.Tensor, int], MCResult]] = {
         "vectorized": lambda x, t: mc_predict(model, x, t),
+        "vectorized, no prefix sharing": lambda x, t: mc_predict(model, x, t, share_prefix=False),
         "loop": lambda x, t: mc_loop_predict(model, x, t),
     }
     times: dict[tuple[str, str], list[float]] = {(c, p): [] for c in cases for p in paths}
@@ -102,12 +106,15 @@ def main() -> None:
     print(f"\ndevice: {device_name(device)}; torch {torch.__version__}")
     print(f"model: d2l DropoutMLP 784-256-256-10, {'checkpoint ' + args.ckpt if args.ckpt else 'random weights'}")
     print(f"inputs: {source}; median of {args.rounds} interleaved rounds after one warm-up\n")
-    print("| case | vectorized (s) | loop (s) | loop / vectorized | max abs z of mean_probs |")
-    print("|---|---:|---:|---:|---:|")
+    print(
+        "| case | vectorized (s) | no prefix sharing (s) | loop (s) | loop / vectorized | no sharing / vectorized "
+        "| max abs z of mean_probs vs loop |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for case in cases:
-        vec, loop = statistics.median(times[case, "vectorized"]), statistics.median(times[case, "loop"])
+        vec, flat, loop = (statistics.median(times[case, p]) for p in paths)
         z = max_z(results[case, "vectorized"], results[case, "loop"])
-        print(f"| {case} | {vec:.4f} | {loop:.4f} | {loop / vec:.1f}x | {z:.2f} |")
+        print(f"| {case} | {vec:.4f} | {flat:.4f} | {loop:.4f} | {loop / vec:.1f}x | {flat / vec:.2f}x | {z:.2f} |")
     if args.n_test < 10_000:
         print(f"\nnote: case (b) ran on {args.n_test} of the 10k test images (--n-test)")
 

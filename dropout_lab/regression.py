@@ -24,8 +24,8 @@ from dropout_lab.uncertainty import (
     MEMORY_BUDGET,
     _check_passes,
     _on_module_device,
+    _pass_runner,
     _rows_per_forward,
-    _run_passes,
     mc_mode,
 )
 
@@ -235,7 +235,12 @@ class _MomentAccumulator:
 
 
 def mc_moments(
-    module: nn.Module, x: Tensor, T: int, chunk_size: int | None = None, memory_budget: int = MEMORY_BUDGET
+    module: nn.Module,
+    x: Tensor,
+    T: int,
+    chunk_size: int | None = None,
+    memory_budget: int = MEMORY_BUDGET,
+    share_prefix: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """Mean and variance over T MC-dropout passes of a regression net's outputs, vectorized and chunked.
 
@@ -249,6 +254,8 @@ def mc_moments(
         T: number of stochastic passes.
         chunk_size: rows (input copies) per forward; None = automatic, as in ``mc_predict``.
         memory_budget: elements allowed per layer tensor of one forward in the automatic chunk size.
+        share_prefix: run the layers before the first dropout once per input, not once per pass (as in
+            ``mc_predict``).
 
     Returns:
         ``(mean, var)``, float32 on the module's device: shape (N,) when D = 1, else (N, D); ``var`` is the
@@ -259,7 +266,8 @@ def mc_moments(
     with torch.no_grad(), mc_mode(module):
         rows = chunk_size or _rows_per_forward(module, x, memory_budget, None)
         acc = _MomentAccumulator(x.shape[0])
-        _run_passes(module, x, T, rows, acc)  # type: ignore[arg-type]
+        with _pass_runner(module, x, share_prefix) as run:
+            run(T, rows, acc)
     assert acc.sums is not None
     mean = acc.sums[0] / T
     var = (acc.sums[1] / T - mean.square()).clamp_min(0)

@@ -16,8 +16,9 @@ experiment (their figures are in :mod:`dropout_lab.plots`).
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -31,8 +32,10 @@ __all__ = [
     "MAX_ROWS",
     "MEMORY_BUDGET",
     "MCResult",
+    "PrefixSharingError",
     "deterministic_predict",
     "entropy",
+    "first_noise_layer",
     "mc_loop_predict",
     "mc_mode",
     "mc_predict",
@@ -133,6 +136,86 @@ def _rows_per_forward(module: nn.Module, x: Tensor, memory_budget: int, max_rows
     return max(1, min(max_rows, memory_budget // per_row))
 
 
+class _FirstNoiseLayer(Exception):
+    """Raised by the probe's pre-hook to stop the forward at the first noise layer."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+
+
+def first_noise_layer(module: nn.Module, x: Tensor) -> nn.Module | None:
+    """The first layer, in the order a forward of ``x`` calls them, that draws noise (a stochastic layer).
+
+    Found with a forward of ``x[:1]`` that stops at that layer's input, so no random number is drawn; call it
+    under :func:`mc_mode` (or with the flags the passes will use). None when no layer draws noise.
+    """
+
+    def hook(m: nn.Module, args: tuple) -> None:
+        raise _FirstNoiseLayer(m)
+
+    noisy = [m for m in module.modules() if isinstance(m, StochasticModule) and m.stochastic]
+    handles = [m.register_forward_pre_hook(hook) for m in noisy]
+    try:
+        module(x[:1])
+    except _FirstNoiseLayer as found:
+        return found.layer
+    finally:
+        for handle in handles:
+            handle.remove()
+    return None
+
+
+class PrefixSharingError(RuntimeError):
+    """The network does not allow :func:`mc_predict`'s ``share_prefix``; the message says why."""
+
+
+class _PassRepeater:
+    """Forward pre-hook of the first noise layer: its input (``inputs`` rows) repeated ``copies`` times.
+
+    Pass-major, as ``x.repeat``: so the layers before it ran once per input, not once per pass.
+    """
+
+    def __init__(self) -> None:
+        self.copies, self.inputs = 1, 0
+
+    def __call__(self, layer: nn.Module, args: tuple) -> tuple | None:
+        if self.copies == 1:
+            return None
+        h = args[0]
+        if h.shape[0] != self.inputs:
+            raise PrefixSharingError(
+                f"mc_predict(share_prefix=True): the first noise layer ({type(layer).__name__}) got {h.shape[0]} "
+                f"rows for a forward of {self.inputs} inputs; its input must be (batch, ...) and the layer must "
+                "be called once per forward. Pass share_prefix=False for this network."
+            )
+        return (h.repeat(self.copies, *([1] * (h.dim() - 1))), *args[1:])
+
+
+_SKIP_HINT = (
+    "a tensor computed before the first noise layer is probably used after it (a skip connection). Pass "
+    "share_prefix=False for this network."
+)
+
+
+def _shared_forward(module: nn.Module, chunk: Tensor, rows: int) -> Tensor:
+    """``module(chunk)`` with the first noise layer's input repeated: (``rows``, C) outputs, checked."""
+    try:
+        out = module(chunk)
+    except (torch.OutOfMemoryError, PrefixSharingError):
+        raise
+    except RuntimeError as error:
+        raise PrefixSharingError(
+            f"mc_predict(share_prefix=True): the forward failed ({error}); {_SKIP_HINT}"
+        ) from error
+    if out.shape[0] != rows:
+        raise PrefixSharingError(
+            f"mc_predict(share_prefix=True): a forward of {rows} input copies returned {out.shape[0]} rows; "
+            + _SKIP_HINT
+        )
+    return out
+
+
 def _run_passes(module: nn.Module, x: Tensor, passes: int, rows: int, acc: _Accumulator) -> None:
     """Run ``passes`` more passes of all of ``x`` through ``module``, ``rows`` input copies per forward."""
     n, t_end = x.shape[0], acc.passes + passes
@@ -149,6 +232,44 @@ def _run_passes(module: nn.Module, x: Tensor, passes: int, rows: int, acc: _Accu
     acc.passes = t_end
 
 
+def _run_shared_passes(
+    module: nn.Module, x: Tensor, passes: int, rows: int, acc: _Accumulator, repeater: _PassRepeater
+) -> None:
+    """:func:`_run_passes` with the layers before the first noise layer run once per forward, not per copy.
+
+    Each forward takes ``c`` inputs and ``k`` passes (c·k ≤ ``rows``); ``repeater`` copies the first noise
+    layer's input k times. With all inputs in one forward (``rows`` ≥ N) the forwards are those of
+    :func:`_run_passes` (the same random draws); otherwise each slice of inputs gets up to ``rows`` passes per
+    forward, so the prefix runs about once per input instead of once per pass.
+    """
+    n, t_end = x.shape[0], acc.passes + passes
+    per_forward = min(passes, rows) if rows < n else rows // n  # passes per forward
+    inputs = n if rows >= n else max(1, rows // per_forward)
+    for n0 in range(0, n, inputs):
+        chunk = x[n0 : n0 + inputs]
+        for t0 in range(acc.passes, t_end, per_forward):
+            k = min(per_forward, t_end - t0)
+            repeater.copies, repeater.inputs = k, chunk.shape[0]
+            out = _shared_forward(module, chunk, k * chunk.shape[0])
+            acc.update(t0, n0, out.reshape(k, chunk.shape[0], -1))
+    acc.passes = t_end
+
+
+@contextlib.contextmanager
+def _pass_runner(module: nn.Module, x: Tensor, share_prefix: bool) -> Iterator[Callable[..., None]]:
+    """``run(passes, rows, acc)``: :func:`_run_shared_passes` when sharing applies, else :func:`_run_passes`."""
+    layer = first_noise_layer(module, x) if share_prefix else None
+    if layer is None:
+        yield functools.partial(_run_passes, module, x)
+        return
+    repeater = _PassRepeater()
+    handle = layer.register_forward_pre_hook(repeater)
+    try:
+        yield functools.partial(_run_shared_passes, module, x, repeater=repeater)
+    finally:
+        handle.remove()
+
+
 def mc_predict(
     module: nn.Module,
     x: Tensor,
@@ -158,6 +279,7 @@ def mc_predict(
     *,
     max_rows: int | None = None,
     memory_budget: int = MEMORY_BUDGET,
+    share_prefix: bool = True,
 ) -> MCResult:
     """T stochastic passes over ``x`` in few, large forwards: the batch repeated, each copy its own noise.
 
@@ -165,6 +287,14 @@ def mc_predict(
     :func:`mc_mode`; DropConnect layers switch to one weight mask per row meanwhile, so no two passes share
     a mask. Summaries are accumulated chunk by chunk: without ``return_samples`` memory is one chunk's
     activations, O(N·C) sums and at most ~1M buffered logits, whatever T. Modes and flags are restored afterwards.
+
+    The layers before the first noise layer are the same in every pass, so by default (``share_prefix``) they
+    run on the inputs only, and the first noise layer's input is repeated (a forward pre-hook); with more
+    inputs than rows per forward, each forward takes a slice of the inputs for many passes, so that prefix runs
+    about once per input instead of once per pass. In the d2l MLP the prefix (784 → 256) is 3/4 of the
+    arithmetic. It needs a network whose rows are independent and whose first noise layer is called once per
+    forward, with nothing computed before it used after it (true of every network in this package; a net
+    that breaks this gets a :class:`PrefixSharingError` that says so: pass ``share_prefix=False`` for it).
 
     Args:
         module: a network or LightningModule mapping (B, ...) inputs to (B, C) logits.
@@ -177,6 +307,9 @@ def mc_predict(
             16 384 (:data:`CPU_MAX_ROWS`) on the CPU.
         memory_budget: elements (float32: 4 bytes each) allowed per layer tensor of one forward in the
             automatic chunk size; DropConnect masks count rows × out × in (default 2**26, 256 MiB).
+        share_prefix: run the layers before the first noise layer once per input (and forward), not once per
+            pass; False = every pass through the whole net (the same distribution, other random draws when
+            the inputs do not fit one forward).
 
     Returns:
         The summaries, on the module's device.
@@ -188,7 +321,8 @@ def mc_predict(
     with torch.no_grad(), mc_mode(module, per_sample_dropconnect=True):
         rows = chunk_size or _rows_per_forward(module, x, memory_budget, max_rows)
         acc = _Accumulator(x.shape[0], T if return_samples else None)
-        _run_passes(module, x, T, rows, acc)
+        with _pass_runner(module, x, share_prefix) as run:
+            run(T, rows, acc)
         return acc.result()
 
 
@@ -265,7 +399,8 @@ def summaries_vs_T(
         for _ in range(repeats):
             acc = _Accumulator(x.shape[0])
             for t in Ts:
-                _run_passes(module, x, t - acc.passes, rows, acc)
+                with _pass_runner(module, x, share_prefix=True) as run:
+                    run(t - acc.passes, rows, acc)
                 result = acc.result()
                 metrics = calibration_metrics(result.mean_probs, targets)
                 metrics["mutual_information"] = result.mutual_information.double().mean().item()

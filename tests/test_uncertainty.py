@@ -15,7 +15,7 @@ from torchmetrics.functional.classification import multiclass_calibration_error
 
 from dropout_lab import mc_results
 from dropout_lab.calibration import calibration_metrics, reliability_bins
-from dropout_lab.dropout import DropConnectLinear, StochasticModule, stochastic_modules
+from dropout_lab.dropout import DropConnectLinear, Dropout, StochasticModule, stochastic_modules
 from dropout_lab.models import (
     DropConnectMLP,
     DropoutMLP,
@@ -28,7 +28,9 @@ from dropout_lab.plots import plot_reliability, plot_rotated, plot_summaries_vs_
 from dropout_lab.rotated import rotated_image_experiment, rotated_table
 from dropout_lab.uncertainty import (
     MCResult,
+    PrefixSharingError,
     deterministic_predict,
+    first_noise_layer,
     mc_loop_predict,
     mc_mode,
     mc_predict,
@@ -99,11 +101,12 @@ def check_invariants(r: MCResult) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- vectorized vs loop
-@pytest.mark.parametrize("name", ["dropout", "dropconnect", "lenet_dropout2d_only"])
-def test_vectorized_matches_loop_statistically(name: str) -> None:
+@pytest.mark.parametrize("chunk", [None, 2], ids=["whole-passes", "input-slices"])
+@pytest.mark.parametrize("name", ["dropout", "scratch", "dropconnect", "lenet_dropout2d_only"])
+def test_vectorized_matches_loop_statistically(name: str, chunk: int | None) -> None:
     model, x, T = make(name), images(3), 2000
     torch.manual_seed(0)
-    vec = mc_predict(model, x, T, return_samples=True)
+    vec = mc_predict(model, x, T, chunk_size=chunk, return_samples=True)
     loop = mc_loop_predict(model, x, T, return_samples=True)
     assert vec.probs is not None and loop.probs is not None
     for r in (vec, loop):
@@ -173,6 +176,83 @@ def test_memory_budget_limits_rows_per_forward() -> None:
     rows.clear()
     mc_predict(model, x, 5, max_rows=8)
     assert max(rows) <= 8
+
+
+# ---------------------------------------------------------------------------------------------- shared prefix
+@pytest.mark.parametrize("name", list(MODELS))
+def test_shared_prefix_draws_the_same_passes_when_the_inputs_fit_one_forward(name: str) -> None:
+    """With all inputs in each forward the tiling is unchanged, so both ways draw the same masks."""
+    model, x = make(name), images(3)
+    samples = []
+    for share in (True, False):
+        torch.manual_seed(0)
+        r = mc_predict(model, x, 24, chunk_size=30, share_prefix=share, return_samples=True)
+        assert r.logits is not None
+        samples.append(r.logits)
+    torch.testing.assert_close(samples[0], samples[1], rtol=1e-5, atol=1e-5)
+    assert distinct_passes(samples[0]) == 24
+
+
+def rows_seen(layer: nn.Module) -> list[int]:
+    rows: list[int] = []
+    layer.register_forward_hook(lambda m, i, o: rows.append(o.shape[0]))
+    return rows
+
+
+@pytest.mark.parametrize("chunk", [100, 1000], ids=["input-slices", "whole-passes"])
+def test_shared_prefix_runs_the_layers_before_the_first_dropout_once_per_forward(chunk: int) -> None:
+    torch.manual_seed(0)
+    model, x, T = DropoutMLP(hidden_sizes=SMALL, dropouts=[1e-9, 1e-9]), images(300), 20
+    linears = [m for m in model.net if isinstance(m, nn.Linear)]
+    first_linear, head = linears[0], linears[-1]
+    hidden_dropouts = [m for m in model.net if isinstance(m, Dropout) and m.p > 0]
+    assert first_noise_layer(model, x) is hidden_dropouts[0]  # after Flatten, Linear, ReLU
+    prefix, suffix = rows_seen(first_linear), rows_seen(head)
+    r = mc_predict(model, x, T, chunk_size=chunk, return_samples=True)
+    # chunk 100 < 300 inputs: 5 inputs x 20 passes per forward, each input through the prefix once;
+    # chunk 1000: all 300 inputs x 3 passes per forward, 7 forwards
+    assert prefix[0] == 1  # the one-row probe that finds the first dropout (it stops there)
+    assert sum(prefix[1:]) == (300 if chunk == 100 else 300 * 7)
+    assert sum(suffix) == 300 * T and max(suffix) <= chunk
+    # p ~ 0: every pass of input i must be input i's deterministic logits (the (pass, input) layout is right)
+    assert r.logits is not None
+    with torch.no_grad():
+        det = model.eval()(x)
+    torch.testing.assert_close(r.logits, det.expand(T, -1, -1), rtol=1e-5, atol=1e-5)
+    prefix.clear()
+    mc_predict(model, x, T, chunk_size=chunk, share_prefix=False)
+    assert sum(prefix) == 300 * T
+
+
+class SkipAroundDropout(nn.Module):
+    """A net that reuses a tensor from before its dropout after it: prefix sharing cannot apply."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.drop, self.head = nn.Linear(784, 16), Dropout(0.5), nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inp(x.flatten(1))
+        return self.head(self.drop(h) + h)
+
+
+def test_a_skip_connection_around_the_first_dropout_is_a_clear_error() -> None:
+    torch.manual_seed(0)
+    model, x = SkipAroundDropout(), images(3)
+    with pytest.raises(PrefixSharingError, match="share_prefix=False"):
+        mc_predict(model, x, 8)
+    assert not model.drop._forward_pre_hooks  # the hook is gone after the error
+    r = mc_predict(model, x, 8, share_prefix=False, return_samples=True)
+    assert r.probs is not None and r.probs.shape == (8, 3, 10) and distinct_passes(r.probs) == 8
+
+
+def test_no_noise_layer_means_no_prefix_to_share() -> None:
+    quiet = DropoutMLP(hidden_sizes=SMALL, dropouts=[0.0, 0.0])
+    assert first_noise_layer(quiet, images(1)) is None
+    model = make("dropconnect").eval()
+    assert first_noise_layer(model, images(1)) is None  # eval mode without mc: no layer draws noise
+    with mc_mode(model):
+        assert isinstance(first_noise_layer(model, images(1)), DropConnectLinear)
 
 
 # ---------------------------------------------------------------------------------------------- every model
