@@ -235,16 +235,16 @@ def _run_passes(module: nn.Module, x: Tensor, passes: int, rows: int, acc: _Accu
 def _run_shared_passes(
     module: nn.Module, x: Tensor, passes: int, rows: int, acc: _Accumulator, repeater: _PassRepeater
 ) -> None:
-    """:func:`_run_passes` with the layers before the first noise layer run once per forward, not per copy.
+    """:func:`_run_passes` with the layers before the first noise layer run once per input, not per pass.
 
-    Each forward takes ``c`` inputs and ``k`` passes (c·k ≤ ``rows``); ``repeater`` copies the first noise
-    layer's input k times. With all inputs in one forward (``rows`` ≥ N) the forwards are those of
-    :func:`_run_passes` (the same random draws); otherwise each slice of inputs gets up to ``rows`` passes per
-    forward, so the prefix runs about once per input instead of once per pass.
+    Each forward takes a slice of the inputs and as many of the passes as fit in ``rows`` (all of them unless
+    ``passes`` > ``rows``); ``repeater`` copies the first noise layer's input once per pass. So the prefix sees
+    each input once per call (once per ``rows`` passes beyond that). When all N·passes rows fit in one forward,
+    that forward is :func:`_run_passes`'s, with the same random draws.
     """
     n, t_end = x.shape[0], acc.passes + passes
-    per_forward = min(passes, rows) if rows < n else rows // n  # passes per forward
-    inputs = n if rows >= n else max(1, rows // per_forward)
+    per_forward = min(passes, rows)  # passes per forward
+    inputs = min(n, max(1, rows // per_forward))
     for n0 in range(0, n, inputs):
         chunk = x[n0 : n0 + inputs]
         for t0 in range(acc.passes, t_end, per_forward):

@@ -180,13 +180,13 @@ def test_memory_budget_limits_rows_per_forward() -> None:
 
 # ---------------------------------------------------------------------------------------------- shared prefix
 @pytest.mark.parametrize("name", list(MODELS))
-def test_shared_prefix_draws_the_same_passes_when_the_inputs_fit_one_forward(name: str) -> None:
-    """With all inputs in each forward the tiling is unchanged, so both ways draw the same masks."""
+def test_shared_prefix_draws_the_same_passes_when_all_fit_one_forward(name: str) -> None:
+    """With all N·T rows in one forward the tiling is the same, so both ways draw the same masks."""
     model, x = make(name), images(3)
     samples = []
     for share in (True, False):
         torch.manual_seed(0)
-        r = mc_predict(model, x, 24, chunk_size=30, share_prefix=share, return_samples=True)
+        r = mc_predict(model, x, 24, chunk_size=72, share_prefix=share, return_samples=True)
         assert r.logits is not None
         samples.append(r.logits)
     torch.testing.assert_close(samples[0], samples[1], rtol=1e-5, atol=1e-5)
@@ -199,8 +199,8 @@ def rows_seen(layer: nn.Module) -> list[int]:
     return rows
 
 
-@pytest.mark.parametrize("chunk", [100, 1000], ids=["input-slices", "whole-passes"])
-def test_shared_prefix_runs_the_layers_before_the_first_dropout_once_per_forward(chunk: int) -> None:
+@pytest.mark.parametrize("chunk", [100, 1000, 6000])
+def test_shared_prefix_runs_the_layers_before_the_first_dropout_once_per_input(chunk: int) -> None:
     torch.manual_seed(0)
     model, x, T = DropoutMLP(hidden_sizes=SMALL, dropouts=[1e-9, 1e-9]), images(300), 20
     linears = [m for m in model.net if isinstance(m, nn.Linear)]
@@ -209,10 +209,9 @@ def test_shared_prefix_runs_the_layers_before_the_first_dropout_once_per_forward
     assert first_noise_layer(model, x) is hidden_dropouts[0]  # after Flatten, Linear, ReLU
     prefix, suffix = rows_seen(first_linear), rows_seen(head)
     r = mc_predict(model, x, T, chunk_size=chunk, return_samples=True)
-    # chunk 100 < 300 inputs: 5 inputs x 20 passes per forward, each input through the prefix once;
-    # chunk 1000: all 300 inputs x 3 passes per forward, 7 forwards
+    # each forward: chunk // 20 inputs x all 20 passes (one forward of 6000 rows for chunk 6000)
     assert prefix[0] == 1  # the one-row probe that finds the first dropout (it stops there)
-    assert sum(prefix[1:]) == (300 if chunk == 100 else 300 * 7)
+    assert sum(prefix[1:]) == 300 and max(prefix[1:]) == min(300, chunk // T)
     assert sum(suffix) == 300 * T and max(suffix) <= chunk
     # p ~ 0: every pass of input i must be input i's deterministic logits (the (pass, input) layout is right)
     assert r.logits is not None
