@@ -152,13 +152,21 @@ class ScratchDropout(_DropModule):
 class Dropout(_DropModule):
     """Element-wise dropout through ``F.dropout`` (PyTorch's kernel), as a member of the family.
 
+    With ``uniform_masks = True`` (set by the callback :class:`dropout_lab.speed.UniformDropoutMasks`) it runs
+    the kernel of :func:`scratch_dropout` instead: the same inverted dropout with a mask drawn as
+    ``uniform > p``, which is cheaper than PyTorch's ``bernoulli_`` on the CPU.
+
     Args:
         p: probability of zeroing each element (0 <= p < 1).
     """
 
+    uniform_masks: bool = False
+
     def forward(self, x: Tensor) -> Tensor:
-        """``F.dropout(x, p)`` when stochastic (also in eval with ``mc``), else ``x``."""
-        return F.dropout(x, self.p, training=True) if self.stochastic else x
+        """``F.dropout(x, p)`` (or the uniform-mask kernel) when stochastic, also in eval with ``mc``; else ``x``."""
+        if not self.stochastic:
+            return x
+        return _ScratchDropoutFunction.apply(x, self.p) if self.uniform_masks else F.dropout(x, self.p, training=True)
 
 
 class Dropout2d(_DropModule):

@@ -1,4 +1,7 @@
-"""``CompileModule``: ``torch.compile`` for ``fit``, as a callback, so it works with every LightningModule here.
+"""Speed callbacks for every LightningModule here: ``CompileModule`` and ``UniformDropoutMasks``.
+
+``CompileModule`` runs ``torch.compile`` for ``fit``; ``UniformDropoutMasks`` draws cheaper dropout masks on the
+CPU.
 
 The other speed options live where they act: ``model.micro_batch_size`` in
 :class:`~dropout_lab.classifier.ClassifierModule`, ``--float32_matmul_precision`` in the CLI,
@@ -14,7 +17,9 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
-__all__ = ["CompileMode", "CompileModule"]
+from dropout_lab.dropout import Dropout
+
+__all__ = ["CompileMode", "CompileModule", "UniformDropoutMasks"]
 
 CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 
@@ -59,3 +64,46 @@ class CompileModule(Callback):
 
 def _uncompile(module: nn.Module) -> None:
     module._compiled_call_impl = None  # what nn.Module.compile set; torch has no public way to undo it
+
+
+class UniformDropoutMasks(Callback):
+    """Dropout layers draw their keep masks as ``uniform > p`` (the scratch kernel), not with ``bernoulli_``.
+
+    PyTorch's CPU dropout draws its mask with ``bernoulli_``, which on the CPU costs about 2.6 times a uniform
+    draw and a comparison (``benchmarks/dropout_kernel.py``). With this callback every layer of the class
+    ``dropout_lab.dropout.Dropout`` runs the kernel of ``dropout_lab.dropout.scratch_dropout`` instead: the same
+    inverted dropout (keep probability 1 - p, scale 1/(1 - p), the forward's mask reused by the backward), other
+    random draws, so results differ from the default draw by draw but not in distribution. It acts from setup
+    to teardown of every stage (``fit``, ``validate``, ``test``, ``predict``, MC passes included) and restores
+    the layers afterwards, also after a failed run. Channel dropout (``Dropout2d``) draws one number per channel
+    and is left alone.
+
+    Args:
+        cpu_only: act only when the Trainer runs on the CPU; on a GPU, PyTorch's fused dropout kernel draws,
+            scales and applies the mask in one launch, where uniform masks take three.
+    """
+
+    def __init__(self, cpu_only: bool = True) -> None:
+        self.cpu_only = cpu_only
+        self._switched: list[Dropout] = []
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Switch the module's ``Dropout`` layers to uniform masks (unless ``cpu_only`` and not on the CPU)."""
+        if self.cpu_only and trainer.strategy.root_device.type != "cpu":
+            return
+        self._switched = [m for m in pl_module.modules() if isinstance(m, Dropout) and not m.uniform_masks]
+        for m in self._switched:
+            m.uniform_masks = True
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Give the layers PyTorch's kernel back."""
+        self._restore()
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        """Also after a failed or interrupted run (Lightning skips ``teardown`` then)."""
+        self._restore()
+
+    def _restore(self) -> None:
+        for m in self._switched:
+            m.uniform_masks = False
+        self._switched = []

@@ -125,9 +125,18 @@ ELEMENTS = {"unit": "element", "multiplicative": True}
 CHANNELS = {"shape": (4, 5, 5), "points": (4, 1, 2), "unit": "channel", "multiplicative": True}
 NO_P = {"bad_levels": (-0.1, NAN, INF)}
 
+
+def _uniform_mask_dropout(p: float) -> Dropout:
+    """``Dropout`` as ``dropout_lab.speed.UniformDropoutMasks`` leaves it."""
+    layer = Dropout(p)
+    layer.uniform_masks = True
+    return layer
+
+
 SPECS = {
     "scratch_dropout": Spec(ScratchDropout, _twin(scratch_dropout), _kept_grad, **ELEMENTS),
     "dropout": Spec(Dropout, _twin(F.dropout), _kept_grad, **ELEMENTS),
+    "dropout_uniform_masks": Spec(_uniform_mask_dropout, _twin(scratch_dropout), _kept_grad, **ELEMENTS),
     "dropout2d": Spec(Dropout2d, _twin(F.dropout2d), _kept_grad, **CHANNELS),
     "channel_dropout": Spec(ChannelDropout, _twin(channel_dropout), _kept_grad, **CHANNELS),
     "gaussian_dropout": Spec(GaussianDropout, _twin(gaussian_dropout), _ratio_grad, multiplicative=True),

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning as L
 import pytest
@@ -23,6 +24,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from dropout_lab import idx
 from dropout_lab.callbacks import ActivationVarianceMonitor
 from dropout_lab.data import FashionMNISTDataModule
+from dropout_lab.dropout import Dropout
 from dropout_lab.models import (
     DropConnectMLP,
     DropoutMLP,
@@ -33,7 +35,7 @@ from dropout_lab.models import (
 )
 from dropout_lab.population import PopulationMLP
 from dropout_lab.reliability import DivergenceError, DivergenceGuard, RNGStateCheckpoint
-from dropout_lab.speed import CompileModule
+from dropout_lab.speed import CompileModule, UniformDropoutMasks
 
 ROOT = Path(__file__).resolve().parents[1]
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -422,3 +424,53 @@ def test_scratch_mlp_needs_one_dropout_per_hidden_layer() -> None:
 
     with pytest.raises(ValueError, match="one per hidden layer"):
         ScratchMLP([256, 256], [0.5])
+
+
+class DropoutKernels(L.Callback):
+    """Which kernel each ``Dropout`` layer of the module uses, at every training and predict batch."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, list[bool]]] = []
+
+    def _record(self, stage: str, module: nn.Module) -> None:
+        self.seen.append((stage, [m.uniform_masks for m in module.modules() if isinstance(m, Dropout)]))
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._record("fit", pl_module)
+
+    def on_predict_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        self._record("predict", pl_module)
+
+
+def test_uniform_masks_switch_every_dropout_layer_for_the_run_and_back(synthetic_env: None) -> None:
+    model = DropoutMLP(hidden_sizes=[32, 16], dropouts=[0.5, 0.3], input_dropout=0.2)
+    spy = DropoutKernels()
+    trainer = fit(model, 256, epochs=1, callbacks=[UniformDropoutMasks(), spy])
+    trainer.predict(model, FashionMNISTDataModule(batch_size=256, val_size=100))
+    assert {stage for stage, _ in spy.seen} == {"fit", "predict"}
+    assert all(kernels == [True] * 3 for _, kernels in spy.seen), spy.seen  # input + two hidden layers
+    assert not any(m.uniform_masks for m in model.modules() if isinstance(m, Dropout))  # restored
+
+
+def test_uniform_masks_leave_a_gpu_run_alone_unless_asked() -> None:
+    model = DropoutMLP(hidden_sizes=[8], dropouts=[0.5])
+    (layer,) = (m for m in model.modules() if isinstance(m, Dropout) and m.p > 0)
+    fake = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("cuda", 0)))  # what setup reads
+    UniformDropoutMasks().setup(fake, model, "fit")
+    assert not layer.uniform_masks
+    callback = UniformDropoutMasks(cpu_only=False)
+    callback.setup(fake, model, "fit")
+    assert layer.uniform_masks
+    callback.on_exception(fake, model, RuntimeError("boom"))
+    assert not layer.uniform_masks
+
+
+def test_uniform_masks_through_the_cli(tmp_path: Path, synthetic_env: None) -> None:
+    from conftest import synthetic_cli_args
+
+    from dropout_lab.cli import DropoutLabCLI
+
+    cli = DropoutLabCLI(["fit", *synthetic_cli_args(ROOT / "configs/mlp.yaml", tmp_path), "--trainer.max_epochs",
+                         "1", "--trainer.callbacks+=dropout_lab.speed.UniformDropoutMasks"])  # fmt: skip
+    assert any(isinstance(c, UniformDropoutMasks) for c in cli.trainer.callbacks)
+    assert 0 < cli.trainer.callback_metrics["test/acc"] <= 1
