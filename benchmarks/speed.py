@@ -11,6 +11,7 @@ negligible, so its table shows what each path costs per step beyond the math, as
 * ``+ micro-batches K``: ``data.batch_size = 256·K`` and ``model.micro_batch_size = 256`` (the same updates,
   one Lightning step per K optimizer steps);
 * ``+ compile(mode)``: the ``CompileModule`` callback; ``+ fused``: ``SGD(fused=True)``;
+* ``+ uniform masks``: the ``UniformDropoutMasks`` callback (CPU only: dropout masks drawn as ``uniform > p``);
 * ``bare loop``: a plain PyTorch loop over device-resident tensors, eager, and compiled + fused (the floor).
 
 The paths run interleaved for ``--rounds`` rounds; each round times the last epoch of an ``--epochs``-epoch run
@@ -48,7 +49,7 @@ from dropout_lab.classifier import ClassifierModule  # noqa: E402
 from dropout_lab.data import FashionMNISTDataModule  # noqa: E402
 from dropout_lab.idx import find_or_install, load_arrays  # noqa: E402
 from dropout_lab.models import DropoutMLP, LeNet  # noqa: E402
-from dropout_lab.speed import CompileModule  # noqa: E402
+from dropout_lab.speed import CompileModule, UniformDropoutMasks  # noqa: E402
 
 BATCH, N_TRAIN = 256, 60_000
 
@@ -95,6 +96,7 @@ class TrainerPath:
     micro: int = 1
     compile: str | None = None
     fused: bool = False
+    uniform: bool = False
 
     def name(self) -> str:
         """Row label of the table."""
@@ -104,6 +106,7 @@ class TrainerPath:
             f"micro-batches {self.micro}" if self.micro > 1 else "",
             f"compile({self.compile})" if self.compile else "",
             "fused" if self.fused else "",
+            "uniform masks" if self.uniform else "",
         ]
         return " + ".join([base, *[e for e in extras if e]])
 
@@ -120,7 +123,11 @@ class TrainerPath:
             barebones=self.barebones,
             enable_model_summary=False,
             enable_progress_bar=False,
-            callbacks=[timer, *([CompileModule(mode=self.compile)] if self.compile else [])],
+            callbacks=[
+                timer,
+                *([CompileModule(mode=self.compile)] if self.compile else []),
+                *([UniformDropoutMasks()] if self.uniform else []),
+            ],
             limit_train_batches=math.ceil(args.batches / self.micro) if args.batches else None,
             **switches,
         )
@@ -226,6 +233,8 @@ def build_paths(args: argparse.Namespace, device: torch.device, accelerator: str
         TrainerPath(compile=graphs, fused=True),
         TrainerPath(micro=args.micro, compile=graphs, fused=True),
     ]
+    if device.type == "cpu":  # UniformDropoutMasks acts on the CPU only
+        trainer_paths += [TrainerPath(uniform=True), TrainerPath(micro=args.micro, uniform=True)]
     paths: dict[str, Callable[[], float]] = {p.name(): (lambda p=p: p.run(args, accelerator)) for p in trainer_paths}
     paths["bare loop, eager"] = lambda: bare_epoch(args, device, None, False)
     paths[f"bare loop + compile({graphs}) + fused"] = lambda: bare_epoch(args, device, graphs, True)
