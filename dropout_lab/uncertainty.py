@@ -396,15 +396,15 @@ def summaries_vs_T(
     runs: dict[int, list[dict[str, float]]] = {t: [] for t in Ts}
     with torch.no_grad(), mc_mode(module, per_sample_dropconnect=True):
         rows = chunk_size or _rows_per_forward(module, x, MEMORY_BUDGET, None)
-        for _ in range(repeats):
-            acc = _Accumulator(x.shape[0])
-            for t in Ts:
-                with _pass_runner(module, x, share_prefix=True) as run:
+        with _pass_runner(module, x, share_prefix=True) as run:
+            for _ in range(repeats):
+                acc = _Accumulator(x.shape[0])
+                for t in Ts:
                     run(t - acc.passes, rows, acc)
-                result = acc.result()
-                metrics = calibration_metrics(result.mean_probs, targets)
-                metrics["mutual_information"] = result.mutual_information.double().mean().item()
-                runs[t].append(metrics)
+                    result = acc.result()
+                    metrics = calibration_metrics(result.mean_probs, targets)
+                    metrics["mutual_information"] = result.mutual_information.double().mean().item()
+                    runs[t].append(metrics)
     table = []
     for t in Ts:
         row: dict[str, float] = {"T": t}
