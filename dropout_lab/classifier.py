@@ -38,6 +38,9 @@ class ClassifierModule(L.LightningModule):
 
     net: nn.Module
     mc_samples: int = 0
+    mc_share_prefix: bool = True
+    """``share_prefix`` of the ``mc`` and ``rotated`` subcommands' MC passes: a subclass whose ``net`` uses a tensor
+    from before its first noise layer after it sets this to False (see :func:`dropout_lab.uncertainty.mc_predict`)."""
 
     def __init__(
         self,
@@ -185,7 +188,7 @@ class ClassifierModule(L.LightningModule):
         if self.mc_samples:
             from dropout_lab.uncertainty import mc_predict
 
-            result = mc_predict(self, x, self.mc_samples)
+            result = mc_predict(self, x, self.mc_samples, share_prefix=self.mc_share_prefix)
             out |= {
                 "mc_probs": result.mean_probs,
                 "entropy": result.predictive_entropy,

@@ -21,7 +21,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor, nn
 
 from dropout_lab.classifier import ClassifierModule
-from dropout_lab.dropout import StochasticModule
+from dropout_lab.dropout import StochasticModule, uniform_like
 from dropout_lab.nets import NUM_CLASSES, NUM_INPUTS
 from dropout_lab.types import Probability, check_probability
 
@@ -83,7 +83,7 @@ class MemberDropout(StochasticModule):
         if not self.stochastic:
             return x
         p = self.probs.view(-1, *([1] * (x.dim() - 1)))
-        keep = torch.rand_like(x) >= p
+        keep = uniform_like(x) >= p
         return x * keep / (1.0 - p)
 
 

@@ -263,7 +263,7 @@ def mc_moments(
     """
     T = _check_passes(T)
     x = _on_module_device(module, x)
-    with torch.no_grad(), mc_mode(module):
+    with torch.no_grad(), mc_mode(module, per_sample_dropconnect=True):
         rows = chunk_size or _rows_per_forward(module, x, memory_budget, None)
         acc = _MomentAccumulator(x.shape[0])
         with _pass_runner(module, x, share_prefix) as run:

@@ -63,7 +63,8 @@ def rotated_image_experiment(
     images = torch.stack(
         [rotate(image, float(a), interpolation=InterpolationMode.BILINEAR, fill=[fill]) for a in angles]
     )
-    result = mc_predict(module, images, T, return_samples=True)
+    share = getattr(module, "mc_share_prefix", True)
+    result = mc_predict(module, images, T, return_samples=True, share_prefix=share)
     k = min(top_k, result.mean_probs.shape[-1])
     classes = result.mean_probs.max(dim=0).values.topk(k).indices
     assert result.logits is not None and result.probs is not None

@@ -69,18 +69,20 @@ def _uncompile(module: nn.Module) -> None:
 class UniformDropoutMasks(Callback):
     """Dropout layers draw their keep masks as ``uniform > p`` (the scratch kernel), not with ``bernoulli_``.
 
-    PyTorch's CPU dropout draws its mask with ``bernoulli_``, which on the CPU costs about 2.6 times a uniform
-    draw and a comparison (``benchmarks/dropout_kernel.py``). With this callback every layer of the class
+    PyTorch's CPU dropout draws its mask with ``bernoulli_``, which on the CPU is slower than a uniform draw
+    and a comparison: ``benchmarks/dropout_kernel.py`` measured a ``Dropout(0.5)`` forward + backward 1.5 times
+    and a large MC forward 1.8 times as fast with uniform masks. With this callback every layer of the class
     ``dropout_lab.dropout.Dropout`` runs the kernel of ``dropout_lab.dropout.scratch_dropout`` instead: the same
-    inverted dropout (keep probability 1 - p, scale 1/(1 - p), the forward's mask reused by the backward), other
-    random draws, so results differ from the default draw by draw but not in distribution. It acts from setup
-    to teardown of every stage (``fit``, ``validate``, ``test``, ``predict``, MC passes included) and restores
-    the layers afterwards, also after a failed run. Channel dropout (``Dropout2d``) draws one number per channel
-    and is left alone.
+    inverted dropout (keep probability 1 - p, scale 1/(1 - p), the forward's mask reused by the backward;
+    uniforms drawn in float32 also under bf16/fp16 autocast), other random draws, so results differ from the
+    default draw by draw but not in distribution. It acts from setup to teardown of every stage the Trainer
+    runs (``fit``, ``validate``, ``test``, ``predict``, so the ``mc`` subcommand's predictions too; its T curve,
+    computed after the Trainer's ``predict``, and ``rotated`` run outside them) and restores the layers afterwards, also
+    after a failed run. Channel dropout (``Dropout2d``) draws one number per channel and is left alone.
 
     Args:
-        cpu_only: act only when the Trainer runs on the CPU; on a GPU, PyTorch's fused dropout kernel draws,
-            scales and applies the mask in one launch, where uniform masks take three.
+        cpu_only: act only when the Trainer runs on the CPU; on a GPU, PyTorch's dropout is one fused kernel
+            (draw, scale and multiply), where uniform masks take four (draw, compare and two multiplies).
     """
 
     def __init__(self, cpu_only: bool = True) -> None:

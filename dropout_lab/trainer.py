@@ -110,7 +110,9 @@ class LabTrainer(L.Trainer):
             labels.append(y)
         x, y = torch.cat(images), torch.cat(labels)
         ts = sorted({t for t in (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000) if t <= samples} | {samples})
-        curve = summaries_vs_T(model, x, y, Ts=ts, repeats=repeats)
+        curve = summaries_vs_T(
+            model, x, y, Ts=ts, repeats=repeats, share_prefix=getattr(model, "mc_share_prefix", True)
+        )
         deterministic = next(iter(rows.values()))
         plot_summaries_vs_T(curve, deterministic).savefig(folder / "mc_vs_T.png", dpi=120)
         table = {f"T={int(r['T'])}": {k: r[k] for k in r if k != "T"} for r in curve}

@@ -171,25 +171,37 @@ class PrefixSharingError(RuntimeError):
 
 
 class _PassRepeater:
-    """Forward pre-hook of the first noise layer: its input (``inputs`` rows) repeated ``copies`` times.
+    """Forward pre-hook of every noise layer while the passes share the prefix.
 
-    Pass-major, as ``x.repeat``: so the layers before it ran once per input, not once per pass.
+    The first noise layer's input (``inputs`` rows) is repeated ``copies`` times, pass-major as ``x.repeat``, so
+    the layers before it ran once per input. From there on every noise layer must see ``copies·inputs`` rows: a
+    noise layer fed from the prefix by another path would draw one mask for all the passes, so that is an
+    error, not a wrong answer. A noise layer called again after the repeat (one module used at several places)
+    passes its input on.
     """
 
-    def __init__(self) -> None:
-        self.copies, self.inputs = 1, 0
+    def __init__(self, first: nn.Module) -> None:
+        self.first, self.copies, self.inputs = first, 1, 0
 
     def __call__(self, layer: nn.Module, args: tuple) -> tuple | None:
         if self.copies == 1:
             return None
-        h = args[0]
-        if h.shape[0] != self.inputs:
-            raise PrefixSharingError(
-                f"mc_predict(share_prefix=True): the first noise layer ({type(layer).__name__}) got {h.shape[0]} "
-                f"rows for a forward of {self.inputs} inputs; its input must be (batch, ...) and the layer must "
-                "be called once per forward. Pass share_prefix=False for this network."
-            )
-        return (h.repeat(self.copies, *([1] * (h.dim() - 1))), *args[1:])
+        h = args[0] if args and isinstance(args[0], Tensor) else None
+        rows = None if h is None else h.shape[0]
+        if rows == self.copies * self.inputs:
+            return None
+        if h is not None and layer is self.first and rows == self.inputs:
+            out = h.repeat(self.copies, *([1] * (h.dim() - 1)))
+            if h.dim() == 4 and not h.is_contiguous() and h.is_contiguous(memory_format=torch.channels_last):
+                out = out.contiguous(memory_format=torch.channels_last)  # keep LeNet's NHWC layout
+            return (out, *args[1:])
+        got = "no positional tensor" if h is None else f"{rows} rows"
+        raise PrefixSharingError(
+            f"mc_predict(share_prefix=True): the noise layer {type(layer).__name__} got {got}, expected "
+            f"{self.copies * self.inputs} (the {self.inputs} inputs x {self.copies} passes of this forward); a "
+            "noise layer fed from before the first one would draw one mask for all passes. Pass "
+            "share_prefix=False for this network."
+        )
 
 
 _SKIP_HINT = (
@@ -258,16 +270,18 @@ def _run_shared_passes(
 @contextlib.contextmanager
 def _pass_runner(module: nn.Module, x: Tensor, share_prefix: bool) -> Iterator[Callable[..., None]]:
     """``run(passes, rows, acc)``: :func:`_run_shared_passes` when sharing applies, else :func:`_run_passes`."""
-    layer = first_noise_layer(module, x) if share_prefix else None
-    if layer is None:
+    first = first_noise_layer(module, x) if share_prefix else None
+    if first is None:
         yield functools.partial(_run_passes, module, x)
         return
-    repeater = _PassRepeater()
-    handle = layer.register_forward_pre_hook(repeater)
+    repeater = _PassRepeater(first)
+    noisy = [m for m in module.modules() if isinstance(m, StochasticModule) and m.stochastic]
+    handles = [m.register_forward_pre_hook(repeater) for m in noisy]
     try:
         yield functools.partial(_run_shared_passes, module, x, repeater=repeater)
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
 
 
 def mc_predict(
@@ -291,10 +305,15 @@ def mc_predict(
     The layers before the first noise layer are the same in every pass, so by default (``share_prefix``) they
     run on the inputs only, and the first noise layer's input is repeated (a forward pre-hook); with more
     inputs than rows per forward, each forward takes a slice of the inputs for many passes, so that prefix runs
-    about once per input instead of once per pass. In the d2l MLP the prefix (784 → 256) is 3/4 of the
-    arithmetic. It needs a network whose rows are independent and whose first noise layer is called once per
-    forward, with nothing computed before it used after it (true of every network in this package; a net
-    that breaks this gets a :class:`PrefixSharingError` that says so: pass ``share_prefix=False`` for it).
+    about once per input instead of once per pass (once per ``rows`` passes when T is larger). In the d2l MLP
+    the prefix (784 → 256) is 3/4 of the arithmetic. It needs a network whose rows are independent and whose
+    only randomness is in its noise layers (:class:`~dropout_lab.dropout.StochasticModule`), with no tensor
+    computed before the first noise layer used after it. That holds for every classifier and regressor of this
+    package (``PopulationMLP``, whose activations are (K, B, F), has no MC passes). A net with a skip
+    connection around the first noise layer, or a second noise layer fed from before the first, gets a
+    :class:`PrefixSharingError` that says so (pass ``share_prefix=False`` for it); random draws made outside
+    noise layers before the first one (``torch.randn_like`` in a ``forward``) would be shared by the passes
+    unnoticed.
 
     Args:
         module: a network or LightningModule mapping (B, ...) inputs to (B, C) logits.
@@ -372,6 +391,7 @@ def summaries_vs_T(
     Ts: Sequence[int] = (1, 2, 5, 10, 20, 50, 100),
     repeats: int = 5,
     chunk_size: int | None = None,
+    share_prefix: bool = True,
 ) -> list[dict[str, float]]:
     """Accuracy, NLL, Brier, ECE, mean predictive entropy and mean MI of MC dropout against T.
 
@@ -386,6 +406,7 @@ def summaries_vs_T(
         Ts: numbers of passes to report.
         repeats: independent MC runs (the standard error is NaN with one).
         chunk_size: rows per forward; None = as in :func:`mc_predict`.
+        share_prefix: as in :func:`mc_predict`.
 
     Returns:
         One row per T (ascending): ``T``, then ``<metric>_mean`` and ``<metric>_se`` for each of accuracy,
@@ -396,7 +417,7 @@ def summaries_vs_T(
     runs: dict[int, list[dict[str, float]]] = {t: [] for t in Ts}
     with torch.no_grad(), mc_mode(module, per_sample_dropconnect=True):
         rows = chunk_size or _rows_per_forward(module, x, MEMORY_BUDGET, None)
-        with _pass_runner(module, x, share_prefix=True) as run:
+        with _pass_runner(module, x, share_prefix) as run:
             for _ in range(repeats):
                 acc = _Accumulator(x.shape[0])
                 for t in Ts:

@@ -271,15 +271,31 @@ def test_drop_rate_is_p(spec: Spec, p: float) -> None:
         _, masks = _draw(spec, m, torch.randn(1000, *spec.shape))
         dropped = ~masks  # 1000 x 10 x 20 = 200k weights
     else:
-        units_per_sample = math.prod(spec.points) if spec.unit == "element" else spec.points[0]
-        zero = m(torch.rand(200_000 // units_per_sample, *spec.points) + 0.1) == 0  # positive input
-        if spec.unit == "channel":  # whole channels go: each is all zeros or none
-            zero = zero.flatten(2)
-            assert torch.equal(zero.all(-1), zero.any(-1))
-            zero = zero[..., 0]
-        dropped = zero
+        dropped = _dropped_units(spec, m, 200_000, torch.float32)
     n = dropped.numel()
     assert n >= 200_000
+    _assert_within_4se(dropped.double().mean(), torch.tensor(p).double(), math.sqrt(p * (1 - p) / n), atol=0)
+
+
+def _dropped_units(spec: Spec, m: StochasticModule, units: int, dtype: torch.dtype) -> Tensor:
+    """Which of about ``units`` elements (or channels) of a positive input of ``dtype`` the layer zeroed."""
+    units_per_sample = math.prod(spec.points) if spec.unit == "element" else spec.points[0]
+    zero = m((torch.rand(units // units_per_sample, *spec.points) + 0.1).to(dtype)) == 0
+    if spec.unit == "channel":  # whole channels go: each is all zeros or none
+        zero = zero.flatten(2)
+        assert torch.equal(zero.all(-1), zero.any(-1))
+        zero = zero[..., 0]
+    return zero
+
+
+@pytest.mark.parametrize("p", [0.2, 0.5])
+@pytest.mark.parametrize("spec", _params(lambda s: s.unit in ("element", "channel")))
+def test_drop_rate_is_p_in_bfloat16(spec: Spec, p: float) -> None:
+    """Under bf16 autocast the layers get bf16 activations; uniforms drawn in bf16 would keep 0.496 at p = 0.5
+    (bf16 has 8 significant bits), so the masks are drawn in float32. 1M draws: SE 0.0005."""
+    dropped = _dropped_units(spec, spec.make(p).train(), 1_000_000, torch.bfloat16)
+    n = dropped.numel()
+    assert n >= 1_000_000
     _assert_within_4se(dropped.double().mean(), torch.tensor(p).double(), math.sqrt(p * (1 - p) / n), atol=0)
 
 

@@ -91,6 +91,20 @@ def test_forward_and_mc_shapes() -> None:
     assert out["mean"].shape == out["var"].shape == out["target"].shape == (7,)
 
 
+def test_dropconnect_passes_in_one_forward_get_their_own_masks() -> None:
+    """mc_moments runs many passes per forward: a DropConnect layer must draw one weight mask per row there."""
+    from dropout_lab.dropout import DropConnectLinear
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(1, 16), torch.nn.ReLU(), DropConnectLinear(16, 16, p=0.5),
+                              torch.nn.ReLU(), torch.nn.Linear(16, 1))  # fmt: skip
+    x = torch.linspace(-1, 1, 3).reshape(-1, 1)
+    for share in (True, False):
+        _, var = mc_moments(net, x, T=64, share_prefix=share)  # all 3 x 64 rows in one forward
+        assert (var > 1e-6).all(), var
+    assert not net[2].per_sample  # restored
+
+
 def test_no_dropout_means_no_spread() -> None:
     model = MCDropoutRegressor(activation="tanh", hidden_size=8, num_layers=2, dropout=0.0).eval()
     x = torch.randn(5, 1)

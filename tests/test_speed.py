@@ -465,12 +465,29 @@ def test_uniform_masks_leave_a_gpu_run_alone_unless_asked() -> None:
     assert not layer.uniform_masks
 
 
+class FailingStep(DropoutMLP):
+    def training_step(self, batch, batch_idx):
+        if batch_idx == 1:
+            raise RuntimeError("boom")
+        return super().training_step(batch, batch_idx)
+
+
+def test_uniform_masks_are_restored_after_a_failed_fit(synthetic_env: None) -> None:
+    model, spy = FailingStep(hidden_sizes=[8], dropouts=[0.5]), DropoutKernels()
+    with pytest.raises(RuntimeError, match="boom"):
+        fit(model, 64, callbacks=[UniformDropoutMasks(), spy])
+    assert spy.seen and all(any(kernels) for _, kernels in spy.seen)
+    assert not any(m.uniform_masks for m in model.modules() if isinstance(m, Dropout))
+
+
 def test_uniform_masks_through_the_cli(tmp_path: Path, synthetic_env: None) -> None:
     from conftest import synthetic_cli_args
 
     from dropout_lab.cli import DropoutLabCLI
 
     cli = DropoutLabCLI(["fit", *synthetic_cli_args(ROOT / "configs/mlp.yaml", tmp_path), "--trainer.max_epochs",
-                         "1", "--trainer.callbacks+=dropout_lab.speed.UniformDropoutMasks"])  # fmt: skip
-    assert any(isinstance(c, UniformDropoutMasks) for c in cli.trainer.callbacks)
+                         "1", "--trainer.callbacks+=dropout_lab.speed.UniformDropoutMasks",
+                         "--trainer.callbacks+=test_speed.DropoutKernels"])  # fmt: skip
+    (spy,) = (c for c in cli.trainer.callbacks if type(c).__name__ == "DropoutKernels")
+    assert spy.seen and all(kernels and all(kernels) for _, kernels in spy.seen), spy.seen
     assert 0 < cli.trainer.callback_metrics["test/acc"] <= 1

@@ -245,6 +245,65 @@ def test_a_skip_connection_around_the_first_dropout_is_a_clear_error() -> None:
     assert r.probs is not None and r.probs.shape == (8, 3, 10) and distinct_passes(r.probs) == 8
 
 
+class TwoBranches(nn.Module):
+    """Two noise layers, each fed from before the other: sharing would give the second one mask for all passes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(784, 16), nn.Linear(784, 16)
+        self.da, self.db, self.head = Dropout(0.5), Dropout(0.5), nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.flatten(1)
+        return self.head(self.da(self.a(x)) + self.db(self.b(x)))
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_a_second_noise_layer_fed_from_the_prefix_is_a_clear_error(n: int) -> None:
+    """With one input per forward the branches would broadcast: no shape error, only wrong (too narrow) passes."""
+    torch.manual_seed(0)
+    model, x = TwoBranches(), images(n)
+    with pytest.raises(PrefixSharingError, match="share_prefix=False"):
+        mc_predict(model, x, 8)
+    r = mc_predict(model, x, 8, share_prefix=False, return_samples=True)
+    assert r.probs is not None and distinct_passes(r.probs) == 8
+
+
+class ReusedDropout(nn.Module):
+    """One dropout module applied after both hidden layers (a common way to write an MLP)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.l1, self.l2, self.l3, self.drop = nn.Linear(784, 16), nn.Linear(16, 12), nn.Linear(12, 10), Dropout(0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.l3(self.drop(self.l2(self.drop(self.l1(x.flatten(1))).relu()).relu()))
+
+
+def test_a_dropout_module_used_twice_shares_the_prefix() -> None:
+    model, x = ReusedDropout(), images(3)
+    samples = []
+    for share in (True, False):
+        torch.manual_seed(0)
+        r = mc_predict(model, x, 24, chunk_size=72, share_prefix=share, return_samples=True)
+        assert r.logits is not None
+        samples.append(r.logits)
+    torch.testing.assert_close(samples[0], samples[1], rtol=1e-5, atol=1e-5)
+    rows = summaries_vs_T(model, x, torch.arange(3), Ts=(2, 8), repeats=3, chunk_size=10)  # input slices too
+    assert all(row["nll_se"] > 0 for row in rows)
+
+
+def test_shared_prefix_keeps_the_channels_last_layout() -> None:
+    model = LeNet(channels=(4, 6), hidden=16, channels_last=True)
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    layouts: list[bool] = []
+    convs[1].register_forward_pre_hook(
+        lambda m, args: layouts.append(args[0].is_contiguous(memory_format=torch.channels_last))
+    )
+    mc_predict(model, images(3), 8, chunk_size=24)  # the repeat happens before the second convolution
+    assert layouts and all(layouts)
+
+
 def test_no_noise_layer_means_no_prefix_to_share() -> None:
     quiet = DropoutMLP(hidden_sizes=SMALL, dropouts=[0.0, 0.0])
     assert first_noise_layer(quiet, images(1)) is None
@@ -424,6 +483,7 @@ def test_summaries_vs_T(tmp_path) -> None:
     for row in rows:
         assert 0 <= row["accuracy_mean"] <= 1 and row["nll_mean"] > 0 and row["entropy_mean"] > 0
         assert all(row[k] >= 0 for k in row if k.endswith("_se"))
+    assert rows[1]["nll_se"] > 0 and rows[1]["entropy_se"] > 0  # the repeats are independent MC runs
     assert rows[0]["mutual_information_mean"] == pytest.approx(0.0, abs=1e-6)  # one pass has no disagreement
     assert rows[-1]["mutual_information_mean"] > 0
     quiet = DropoutMLP(hidden_sizes=SMALL, dropouts=[0.0, 0.0])
