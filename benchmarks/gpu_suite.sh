@@ -9,7 +9,8 @@
 #   ops          benchmarks/ops_per_step.py (MLP, LeNet, population): computing and syncing ops per step on CUDA
 #                tensors; benchmarks/accuracy_update.py: TopOneAccuracy vs MulticlassAccuracy, µs per update
 #   compile      benchmarks/compile_step.py --mode reduce-overhead: one step eager vs CUDA graphs, p = 0 and 0.5
-#   mc           benchmarks/mc_dropout.py: vectorized mc_predict vs a loop of T forwards
+#   mc           benchmarks/mc_dropout.py: vectorized mc_predict (with and without prefix sharing) vs a loop of
+#                T forwards; benchmarks/dropout_kernel.py: F.dropout vs uniform masks on CUDA (cpu_only's reason)
 #   population   benchmarks/population.py, then the whole swap study as one PopulationMLP fit, timed, as
 #                configured and with micro-batches 8 + CUDA graphs + TF32
 #   jobs         benchmarks/study_jobs.py: does `study --jobs 2` help on one GPU?
@@ -22,7 +23,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 stages=("$@")
-[ ${#stages[@]} -eq 0 ] && { sed -n '2,21p' "$0"; exit 2; }
+[ ${#stages[@]} -eq 0 ] && { sed -n '2,22p' "$0"; exit 2; }
 [ "${stages[0]}" = all ] && stages=(tests ops speed-mlp speed-lenet compile mc population jobs)
 for stage in "${stages[@]}"; do
     case $stage in tests | ops | speed-mlp | speed-lenet | compile | mc | population | jobs) ;;
@@ -77,7 +78,9 @@ for stage in "${stages[@]}"; do
         speed-mlp) run speed-mlp "$py" benchmarks/speed.py --model mlp --rounds 3 --workers 0 4 ;;
         speed-lenet) run speed-lenet "$py" benchmarks/speed.py --model lenet --rounds 3 --workers 4 ;;
         compile) run compile "$py" benchmarks/compile_step.py --mode reduce-overhead --device gpu ;;
-        mc) run mc "$py" benchmarks/mc_dropout.py --rounds 3 --device gpu ;;
+        mc)
+            run mc "$py" benchmarks/mc_dropout.py --rounds 3 --device gpu
+            run dropout-kernel "$py" benchmarks/dropout_kernel.py --rounds 3 --device gpu --mc-images 10000 ;;
         population)
             run population "$py" benchmarks/population.py --rounds 2 --device gpu
             run population-fit population_fit
