@@ -39,8 +39,9 @@ class ClassifierModule(L.LightningModule):
     net: nn.Module
     mc_samples: int = 0
     mc_share_prefix: bool = True
-    """``share_prefix`` of the ``mc`` and ``rotated`` subcommands' MC passes: a subclass whose ``net`` uses a tensor
-    from before its first noise layer after it sets this to False (see :func:`dropout_lab.uncertainty.mc_predict`)."""
+    """``share_prefix`` of the ``mc`` and ``rotated`` subcommands' MC passes (see
+    :func:`dropout_lab.uncertainty.mc_predict`, which checks that sharing is right for the network; False skips
+    the check and runs every pass through the whole net)."""
 
     def __init__(
         self,

@@ -3,7 +3,8 @@
 Every noise layer subclasses :class:`StochasticModule`, so MC dropout and the activation-variance callback
 find them with :func:`stochastic_modules` / :func:`set_mc`, not with ``isinstance(m, nn.Dropout)``. A layer is
 random when ``(training or mc) and has_noise``; otherwise it returns its deterministic expectation (identity
-for dropout). Noise is drawn on the input's device and dtype; no forward syncs with the host.
+for dropout). Noise is drawn on the input's device and dtype (keep masks from float32 uniforms under bf16 and
+fp16: :func:`mask_dtype`); no forward syncs with the host.
 """
 
 from __future__ import annotations
@@ -85,7 +86,7 @@ def mask_dtype(t: Tensor) -> torch.dtype:
     """The dtype of the uniform draws behind a keep mask for ``t``: its own if float32/float64, else float32.
 
     bf16 and fp16 uniforms are too coarse for ``uniform > p``: in bf16 the rate kept at p = 0.5 is 0.496,
-    23 standard errors from 0.5 at 1M draws, so under mixed precision the masks are drawn in float32.
+    about 8 standard errors from 0.5 at 1M draws, so under mixed precision the masks are drawn in float32.
     """
     return t.dtype if t.dtype in (torch.float32, torch.float64) else torch.float32
 

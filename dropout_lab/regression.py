@@ -266,7 +266,7 @@ def mc_moments(
     with torch.no_grad(), mc_mode(module, per_sample_dropconnect=True):
         rows = chunk_size or _rows_per_forward(module, x, memory_budget, None)
         acc = _MomentAccumulator(x.shape[0])
-        with _pass_runner(module, x, share_prefix) as run:
+        with _pass_runner(module, x, share_prefix, rows) as run:
             run(T, rows, acc)
     assert acc.sums is not None
     mean = acc.sums[0] / T

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
@@ -167,65 +168,73 @@ def first_noise_layer(module: nn.Module, x: Tensor) -> nn.Module | None:
 
 
 class PrefixSharingError(RuntimeError):
-    """The network does not allow :func:`mc_predict`'s ``share_prefix``; the message says why."""
+    """A shared-prefix forward returned other rows than the passes it ran (the network depends on the batch size)."""
 
 
 class _PassRepeater:
-    """Forward pre-hook of every noise layer while the passes share the prefix.
+    """Forward pre-hook of the first noise layer: its input (``inputs`` rows) repeated ``copies`` times.
 
-    The first noise layer's input (``inputs`` rows) is repeated ``copies`` times, pass-major as ``x.repeat``, so
-    the layers before it ran once per input. From there on every noise layer must see ``copies·inputs`` rows: a
-    noise layer fed from the prefix by another path would draw one mask for all the passes, so that is an
-    error, not a wrong answer. A noise layer called again after the repeat (one module used at several places)
-    passes its input on.
+    Pass-major, as ``x.repeat``, so the layers before it ran once per input. Any other input (the layer called
+    again later in the forward, with all the passes' rows, or by keyword) passes unchanged; whether the
+    network's passes are then right is what :func:`_sharing_holds` checks before any pass runs.
     """
 
-    def __init__(self, first: nn.Module) -> None:
-        self.first, self.copies, self.inputs = first, 1, 0
+    def __init__(self) -> None:
+        self.copies, self.inputs = 1, 0
 
     def __call__(self, layer: nn.Module, args: tuple) -> tuple | None:
-        if self.copies == 1:
-            return None
         h = args[0] if args and isinstance(args[0], Tensor) else None
-        rows = None if h is None else h.shape[0]
-        if rows == self.copies * self.inputs:
+        if self.copies == 1 or h is None or h.shape[0] != self.inputs:
             return None
-        if h is not None and layer is self.first and rows == self.inputs:
-            out = h.repeat(self.copies, *([1] * (h.dim() - 1)))
-            if h.dim() == 4 and not h.is_contiguous() and h.is_contiguous(memory_format=torch.channels_last):
-                out = out.contiguous(memory_format=torch.channels_last)  # keep LeNet's NHWC layout
-            return (out, *args[1:])
-        got = "no positional tensor" if h is None else f"{rows} rows"
+        out = h.repeat(self.copies, *([1] * (h.dim() - 1)))
+        if h.dim() == 4 and not h.is_contiguous() and h.is_contiguous(memory_format=torch.channels_last):
+            out = out.contiguous(memory_format=torch.channels_last)  # keep LeNet's NHWC layout
+        return (out, *args[1:])
+
+
+def _shared_forward(module: nn.Module, chunk: Tensor, copies: int, repeater: _PassRepeater) -> Tensor:
+    """``module(chunk)`` with the first noise layer's input repeated ``copies`` times: (copies·len(chunk), C)."""
+    repeater.copies, repeater.inputs = copies, chunk.shape[0]
+    out = module(chunk)
+    if out.shape[0] != copies * chunk.shape[0]:
         raise PrefixSharingError(
-            f"mc_predict(share_prefix=True): the noise layer {type(layer).__name__} got {got}, expected "
-            f"{self.copies * self.inputs} (the {self.inputs} inputs x {self.copies} passes of this forward); a "
-            "noise layer fed from before the first one would draw one mask for all passes. Pass "
-            "share_prefix=False for this network."
-        )
-
-
-_SKIP_HINT = (
-    "a tensor computed before the first noise layer is probably used after it (a skip connection). Pass "
-    "share_prefix=False for this network."
-)
-
-
-def _shared_forward(module: nn.Module, chunk: Tensor, rows: int) -> Tensor:
-    """``module(chunk)`` with the first noise layer's input repeated: (``rows``, C) outputs, checked."""
-    try:
-        out = module(chunk)
-    except (torch.OutOfMemoryError, PrefixSharingError):
-        raise
-    except RuntimeError as error:
-        raise PrefixSharingError(
-            f"mc_predict(share_prefix=True): the forward failed ({error}); {_SKIP_HINT}"
-        ) from error
-    if out.shape[0] != rows:
-        raise PrefixSharingError(
-            f"mc_predict(share_prefix=True): a forward of {rows} input copies returned {out.shape[0]} rows; "
-            + _SKIP_HINT
+            f"mc_predict(share_prefix=True): a forward of {chunk.shape[0]} inputs x {copies} passes returned "
+            f"{out.shape[0]} rows; pass share_prefix=False for this network."
         )
     return out
+
+
+def _sharing_holds(module: nn.Module, x: Tensor, repeater: _PassRepeater, rows: int) -> bool:
+    """Whether sharing the prefix gives this network's passes: the same outputs from the same random draws.
+
+    A few tiny forwards (1 input x 2 passes, and 2 inputs x 3 passes when there are 2; none larger than
+    ``rows``, the forwards' row limit), each run shared and with the inputs repeated up front, from the same
+    random state; the caller's random state is left as it was.
+    A network that feeds a second noise layer from before the first, or uses a tensor from before it after
+    it, draws or combines its noise differently when shared, and so fails (or raises, which counts as failing).
+    """
+    device = x.device
+    devices = [device] if device.type == "cuda" else []
+    for n, k in ((1, 2), (2, 3)):
+        if n > x.shape[0] or n * k > rows:  # rows < 2: one row per forward, nothing is ever repeated
+            continue
+        probe, outs = x[:n], []
+        for shared in (True, False):
+            with torch.random.fork_rng(devices=devices):
+                try:
+                    if shared:
+                        outs.append(_shared_forward(module, probe, k, repeater))
+                    else:
+                        outs.append(module(probe.repeat(k, *([1] * (probe.dim() - 1)))))
+                except torch.OutOfMemoryError:
+                    raise
+                except Exception:  # any failure of a forward here means: do not share
+                    return False
+                finally:
+                    repeater.copies = 1
+        if outs[0].shape != outs[1].shape or not torch.allclose(outs[0], outs[1], rtol=1e-4, atol=1e-5):
+            return False
+    return True
 
 
 def _run_passes(module: nn.Module, x: Tensor, passes: int, rows: int, acc: _Accumulator) -> None:
@@ -261,27 +270,33 @@ def _run_shared_passes(
         chunk = x[n0 : n0 + inputs]
         for t0 in range(acc.passes, t_end, per_forward):
             k = min(per_forward, t_end - t0)
-            repeater.copies, repeater.inputs = k, chunk.shape[0]
-            out = _shared_forward(module, chunk, k * chunk.shape[0])
+            out = _shared_forward(module, chunk, k, repeater)
             acc.update(t0, n0, out.reshape(k, chunk.shape[0], -1))
     acc.passes = t_end
 
 
 @contextlib.contextmanager
-def _pass_runner(module: nn.Module, x: Tensor, share_prefix: bool) -> Iterator[Callable[..., None]]:
+def _pass_runner(module: nn.Module, x: Tensor, share_prefix: bool, rows: int) -> Iterator[Callable[..., None]]:
     """``run(passes, rows, acc)``: :func:`_run_shared_passes` when sharing applies, else :func:`_run_passes`."""
     first = first_noise_layer(module, x) if share_prefix else None
     if first is None:
         yield functools.partial(_run_passes, module, x)
         return
-    repeater = _PassRepeater(first)
-    noisy = [m for m in module.modules() if isinstance(m, StochasticModule) and m.stochastic]
-    handles = [m.register_forward_pre_hook(repeater) for m in noisy]
+    repeater = _PassRepeater()
+    handle = first.register_forward_pre_hook(repeater)
     try:
-        yield functools.partial(_run_shared_passes, module, x, repeater=repeater)
+        if _sharing_holds(module, x, repeater, rows):
+            yield functools.partial(_run_shared_passes, module, x, repeater=repeater)
+            return
     finally:
-        for handle in handles:
-            handle.remove()
+        handle.remove()
+    warnings.warn(
+        "mc_predict: sharing the layers before the first noise layer would change this network's passes (a "
+        "second noise layer or a skip connection fed from before it?), so every pass runs through the whole "
+        "net; share_prefix=False skips this check",
+        stacklevel=4,
+    )
+    yield functools.partial(_run_passes, module, x)
 
 
 def mc_predict(
@@ -306,14 +321,14 @@ def mc_predict(
     run on the inputs only, and the first noise layer's input is repeated (a forward pre-hook); with more
     inputs than rows per forward, each forward takes a slice of the inputs for many passes, so that prefix runs
     about once per input instead of once per pass (once per ``rows`` passes when T is larger). In the d2l MLP
-    the prefix (784 → 256) is 3/4 of the arithmetic. It needs a network whose rows are independent and whose
-    only randomness is in its noise layers (:class:`~dropout_lab.dropout.StochasticModule`), with no tensor
-    computed before the first noise layer used after it. That holds for every classifier and regressor of this
-    package (``PopulationMLP``, whose activations are (K, B, F), has no MC passes). A net with a skip
-    connection around the first noise layer, or a second noise layer fed from before the first, gets a
-    :class:`PrefixSharingError` that says so (pass ``share_prefix=False`` for it); random draws made outside
-    noise layers before the first one (``torch.randn_like`` in a ``forward``) would be shared by the passes
-    unnoticed.
+    the prefix (784 → 256) is 3/4 of the arithmetic. Before the passes, a few tiny forwards check that sharing
+    gives the network's own passes (the same outputs from the same random draws, the caller's random state
+    untouched); a network for which it does not (a second noise layer, or a skip connection, fed from before
+    the first noise layer) gets a warning and runs every pass through the whole net. It needs rows that are
+    independent, and its only randomness in noise layers (:class:`~dropout_lab.dropout.StochasticModule`):
+    random draws made elsewhere before the first noise layer (``torch.randn_like`` in a ``forward``) would be
+    shared by the passes unnoticed. Every classifier and regressor of this package shares (``PopulationMLP``,
+    whose activations are (K, B, F), has no MC passes).
 
     Args:
         module: a network or LightningModule mapping (B, ...) inputs to (B, C) logits.
@@ -340,7 +355,7 @@ def mc_predict(
     with torch.no_grad(), mc_mode(module, per_sample_dropconnect=True):
         rows = chunk_size or _rows_per_forward(module, x, memory_budget, max_rows)
         acc = _Accumulator(x.shape[0], T if return_samples else None)
-        with _pass_runner(module, x, share_prefix) as run:
+        with _pass_runner(module, x, share_prefix, rows) as run:
             run(T, rows, acc)
         return acc.result()
 
@@ -417,7 +432,7 @@ def summaries_vs_T(
     runs: dict[int, list[dict[str, float]]] = {t: [] for t in Ts}
     with torch.no_grad(), mc_mode(module, per_sample_dropconnect=True):
         rows = chunk_size or _rows_per_forward(module, x, MEMORY_BUDGET, None)
-        with _pass_runner(module, x, share_prefix) as run:
+        with _pass_runner(module, x, share_prefix, rows) as run:
             for _ in range(repeats):
                 acc = _Accumulator(x.shape[0])
                 for t in Ts:

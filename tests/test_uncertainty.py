@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterator
 
 import lightning as L
@@ -28,7 +29,6 @@ from dropout_lab.plots import plot_reliability, plot_rotated, plot_summaries_vs_
 from dropout_lab.rotated import rotated_image_experiment, rotated_table
 from dropout_lab.uncertainty import (
     MCResult,
-    PrefixSharingError,
     deterministic_predict,
     first_noise_layer,
     mc_loop_predict,
@@ -171,8 +171,12 @@ def test_memory_budget_limits_rows_per_forward() -> None:
     rows: list[int] = []
     model.net[-1].register_forward_hook(lambda m, i, o: rows.append(o.shape[0]))
     # 784x16 DropConnect masks per row: a budget of 3 rows' worth of masks means <= 3 rows per forward
-    mc_predict(model, x, 5, memory_budget=3 * (3 * 784 * 16 + 784 + 16))
+    budget = 3 * (3 * 784 * 16 + 784 + 16)
+    mc_predict(model, x, 5, memory_budget=budget, share_prefix=False)
     assert max(rows[1:]) <= 3 and sum(rows[1:]) == 4 * 5  # rows[0] is the one-row probe
+    rows.clear()
+    mc_predict(model, x, 5, memory_budget=budget)  # the sharing check's forwards stay within the limit too
+    assert max(rows) <= 3
     rows.clear()
     mc_predict(model, x, 5, max_rows=8)
     assert max(rows) <= 8
@@ -209,10 +213,12 @@ def test_shared_prefix_runs_the_layers_before_the_first_dropout_once_per_input(c
     assert first_noise_layer(model, x) is hidden_dropouts[0]  # after Flatten, Linear, ReLU
     prefix, suffix = rows_seen(first_linear), rows_seen(head)
     r = mc_predict(model, x, T, chunk_size=chunk, return_samples=True)
-    # each forward: chunk // 20 inputs x all 20 passes (one forward of 6000 rows for chunk 6000)
-    assert prefix[0] == 1  # the one-row probe that finds the first dropout (it stops there)
-    assert sum(prefix[1:]) == 300 and max(prefix[1:]) == min(300, chunk // T)
-    assert sum(suffix) == 300 * T and max(suffix) <= chunk
+    # first the one-row probe that finds the first dropout (it stops there), then the sharing check: 1 input x 2
+    # passes and 2 inputs x 3 passes, each shared (1, 2 prefix rows) and repeated up front (2, 6 rows)
+    assert prefix[:5] == [1, 1, 2, 2, 6] and suffix[:4] == [2, 2, 6, 6]
+    # then each forward: chunk // 20 inputs x all 20 passes (one forward of 6000 rows for chunk 6000)
+    assert sum(prefix[5:]) == 300 and max(prefix[5:]) == min(300, chunk // T)
+    assert sum(suffix[4:]) == 300 * T and max(suffix) <= chunk
     # p ~ 0: every pass of input i must be input i's deterministic logits (the (pass, input) layout is right)
     assert r.logits is not None
     with torch.no_grad():
@@ -235,14 +241,28 @@ class SkipAroundDropout(nn.Module):
         return self.head(self.drop(h) + h)
 
 
-def test_a_skip_connection_around_the_first_dropout_is_a_clear_error() -> None:
+def same_draws(model: nn.Module, x: torch.Tensor, T: int) -> list[torch.Tensor]:
+    """The per-pass logits of ``mc_predict`` with and without ``share_prefix``, from seed 0 each."""
+    samples = []
+    for share in (True, False):
+        torch.manual_seed(0)
+        r = mc_predict(model, x, T, share_prefix=share, return_samples=True)
+        assert r.logits is not None
+        samples.append(r.logits)
+    return samples
+
+
+def test_a_skip_connection_around_the_first_dropout_falls_back_to_whole_passes() -> None:
     torch.manual_seed(0)
-    model, x = SkipAroundDropout(), images(3)
-    with pytest.raises(PrefixSharingError, match="share_prefix=False"):
-        mc_predict(model, x, 8)
-    assert not model.drop._forward_pre_hooks  # the hook is gone after the error
-    r = mc_predict(model, x, 8, share_prefix=False, return_samples=True)
-    assert r.probs is not None and r.probs.shape == (8, 3, 10) and distinct_passes(r.probs) == 8
+    model = SkipAroundDropout()
+    with pytest.warns(UserWarning, match="every pass runs through the whole net"):
+        shared, plain = same_draws(model, images(3), 8)
+    assert torch.equal(shared, plain) and distinct_passes(shared) == 8  # the fallback is share_prefix=False
+    assert not model.drop._forward_pre_hooks  # the hook is gone
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # one input per forward: the skip broadcasts over the passes, correctly
+        shared, plain = same_draws(model, images(1), 8)
+    torch.testing.assert_close(shared, plain, rtol=1e-5, atol=1e-5)
 
 
 class TwoBranches(nn.Module):
@@ -259,14 +279,35 @@ class TwoBranches(nn.Module):
 
 
 @pytest.mark.parametrize("n", [1, 3])
-def test_a_second_noise_layer_fed_from_the_prefix_is_a_clear_error(n: int) -> None:
-    """With one input per forward the branches would broadcast: no shape error, only wrong (too narrow) passes."""
+def test_a_second_noise_layer_fed_from_the_prefix_falls_back_to_whole_passes(n: int) -> None:
+    """With one input per forward the branches broadcast: no shape error, only passes that share db's mask."""
     torch.manual_seed(0)
-    model, x = TwoBranches(), images(n)
-    with pytest.raises(PrefixSharingError, match="share_prefix=False"):
-        mc_predict(model, x, 8)
-    r = mc_predict(model, x, 8, share_prefix=False, return_samples=True)
-    assert r.probs is not None and distinct_passes(r.probs) == 8
+    with pytest.warns(UserWarning, match="share_prefix=False skips this check"):
+        shared, plain = same_draws(TwoBranches(), images(n), 8)
+    assert torch.equal(shared, plain) and distinct_passes(shared) == 8
+
+
+class KeywordAndSequenceFirst(nn.Module):
+    """Valid for sharing although a later noise layer is called by keyword on a (L, B, F) tensor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.first, self.mid = nn.Linear(784, 12), Dropout(0.5), nn.Linear(4, 4)
+        self.later, self.head = Dropout(0.3), nn.Linear(12, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.first(self.inp(x.flatten(1)))  # (B, 12)
+        seq = self.mid(h.reshape(h.shape[0], 3, 4)).transpose(0, 1)  # (3, B, 4): sequence first
+        return self.head(self.later(x=seq).transpose(0, 1).reshape(h.shape[0], 12))
+
+
+def test_a_later_noise_layer_may_take_any_layout_or_keyword() -> None:
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        shared, plain = same_draws(KeywordAndSequenceFirst(), images(3), 8)
+    torch.testing.assert_close(shared, plain, rtol=1e-5, atol=1e-5)
+    assert distinct_passes(shared) == 8
 
 
 class ReusedDropout(nn.Module):
