@@ -19,12 +19,12 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from dropout_lab.dropout import Dropout
+from dropout_lab.mc_passes import pass_runner
 from dropout_lab.types import Probability, check_probability
 from dropout_lab.uncertainty import (
     MEMORY_BUDGET,
     _check_passes,
     _on_module_device,
-    _pass_runner,
     _rows_per_forward,
     mc_mode,
 )
@@ -266,7 +266,7 @@ def mc_moments(
     with torch.no_grad(), mc_mode(module, per_sample_dropconnect=True):
         rows = chunk_size or _rows_per_forward(module, x, memory_budget, None)
         acc = _MomentAccumulator(x.shape[0])
-        with _pass_runner(module, x, share_prefix, rows) as run:
+        with pass_runner(module, x, share_prefix, rows) as run:
             run(T, rows, acc)
     assert acc.sums is not None
     mean = acc.sums[0] / T

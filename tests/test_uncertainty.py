@@ -183,18 +183,23 @@ def test_memory_budget_limits_rows_per_forward() -> None:
 
 
 # ---------------------------------------------------------------------------------------------- shared prefix
-@pytest.mark.parametrize("name", list(MODELS))
-def test_shared_prefix_draws_the_same_passes_when_all_fit_one_forward(name: str) -> None:
-    """With all N·T rows in one forward the tiling is the same, so both ways draw the same masks."""
-    model, x = make(name), images(3)
+def same_draws(model: nn.Module, x: torch.Tensor, T: int, chunk_size: int | None = None) -> list[torch.Tensor]:
+    """The per-pass logits of ``mc_predict`` with and without ``share_prefix``, from seed 0 each."""
     samples = []
     for share in (True, False):
         torch.manual_seed(0)
-        r = mc_predict(model, x, 24, chunk_size=72, share_prefix=share, return_samples=True)
+        r = mc_predict(model, x, T, chunk_size=chunk_size, share_prefix=share, return_samples=True)
         assert r.logits is not None
         samples.append(r.logits)
-    torch.testing.assert_close(samples[0], samples[1], rtol=1e-5, atol=1e-5)
-    assert distinct_passes(samples[0]) == 24
+    return samples
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_shared_prefix_draws_the_same_passes_when_all_fit_one_forward(name: str) -> None:
+    """With all N·T rows in one forward the tiling is the same, so both ways draw the same masks."""
+    shared, plain = same_draws(make(name), images(3), 24, chunk_size=72)
+    torch.testing.assert_close(shared, plain, rtol=1e-5, atol=1e-5)
+    assert distinct_passes(shared) == 24
 
 
 def rows_seen(layer: nn.Module) -> list[int]:
@@ -239,17 +244,6 @@ class SkipAroundDropout(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.inp(x.flatten(1))
         return self.head(self.drop(h) + h)
-
-
-def same_draws(model: nn.Module, x: torch.Tensor, T: int) -> list[torch.Tensor]:
-    """The per-pass logits of ``mc_predict`` with and without ``share_prefix``, from seed 0 each."""
-    samples = []
-    for share in (True, False):
-        torch.manual_seed(0)
-        r = mc_predict(model, x, T, share_prefix=share, return_samples=True)
-        assert r.logits is not None
-        samples.append(r.logits)
-    return samples
 
 
 def test_a_skip_connection_around_the_first_dropout_falls_back_to_whole_passes() -> None:
@@ -323,13 +317,8 @@ class ReusedDropout(nn.Module):
 
 def test_a_dropout_module_used_twice_shares_the_prefix() -> None:
     model, x = ReusedDropout(), images(3)
-    samples = []
-    for share in (True, False):
-        torch.manual_seed(0)
-        r = mc_predict(model, x, 24, chunk_size=72, share_prefix=share, return_samples=True)
-        assert r.logits is not None
-        samples.append(r.logits)
-    torch.testing.assert_close(samples[0], samples[1], rtol=1e-5, atol=1e-5)
+    shared, plain = same_draws(model, x, 24, chunk_size=72)
+    torch.testing.assert_close(shared, plain, rtol=1e-5, atol=1e-5)
     rows = summaries_vs_T(model, x, torch.arange(3), Ts=(2, 8), repeats=3, chunk_size=10)  # input slices too
     assert all(row["nll_se"] > 0 for row in rows)
 
