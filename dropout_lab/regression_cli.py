@@ -94,6 +94,7 @@ def report(
     gp_every: PositiveInt = 1,
     gp_restarts: NonNegativeInt = 0,
     seed: int = 0,
+    share_prefix: bool = True,
 ) -> dict[str, dict[str, float]]:
     """ReLU vs Tanh MC dropout vs a Gaussian process on the held-out years of the CO2 series.
 
@@ -111,6 +112,8 @@ def report(
         gp_every: fit the GP on every n-th training week (1 = all; larger is faster, for quick checks).
         gp_restarts: extra random restarts of the GP's hyperparameter optimizer.
         seed: seed of the MC passes and of the GP optimizer's restarts.
+        share_prefix: run the first hidden layer once per week, not once per pass (faster; the same
+            distribution); false = the MC draws of the versions before this option.
     """
     nets = {"ReLU": _checkpoint(relu), "Tanh": _checkpoint(tanh)}
     folder = Path(out)
@@ -125,7 +128,8 @@ def report(
         start = time.perf_counter()
         model = MCDropoutRegressor.load_from_checkpoint(ckpt, map_location=device)
         torch.manual_seed(seed)
-        mean, var = (v.double().cpu().numpy() for v in mc_moments(model, x_all, samples))
+        moments = mc_moments(model, x_all, samples, share_prefix=share_prefix)
+        mean, var = (v.double().cpu().numpy() for v in moments)
         mean = mean * dm.y_std + dm.y_mean
         noise = float(np.mean((mean[: len(t_train)] - y_train) ** 2))  # homoscedastic noise: train residuals
         preds[name] = (mean, np.sqrt(var * dm.y_std**2 + noise), np.sqrt(var) * dm.y_std)

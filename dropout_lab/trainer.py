@@ -50,6 +50,7 @@ class LabTrainer(L.Trainer):
         samples: PositiveInt = 100,
         output_dir: str | None = None,
         curve_repeats: NonNegativeInt = 0,
+        share_prefix: bool = True,
     ) -> dict[str, dict[str, float]]:
         """MC-dropout predictions on the test set with uncertainty, against the deterministic net.
 
@@ -65,8 +66,12 @@ class LabTrainer(L.Trainer):
             output_dir: where to write the files; default: the checkpoint's run folder.
             curve_repeats: with n > 0, also draw accuracy, NLL and mean entropy against T (1 … ``samples``),
                 mean ± standard error over n independent MC runs, to ``mc_vs_T.png`` and ``mc_vs_T.md``.
+            share_prefix: run the layers before the first noise layer once per image, not once per pass (faster;
+                checked to give the net's own passes); false = every pass through the whole net, the draws of
+                versions before this option.
         """
         model.mc_samples = samples  # read by ClassifierModule.predict_step
+        model.mc_share_prefix = share_prefix
         try:
             batches = self.predict(model, datamodule=datamodule, ckpt_path=ckpt_path, return_predictions=True)
         finally:
@@ -128,6 +133,7 @@ class LabTrainer(L.Trainer):
         target_class: NonNegativeInt = 1,
         index: NonNegativeInt = 0,
         output_dir: str | None = None,
+        share_prefix: bool = True,
     ) -> str:
         """The rotated-image experiment: one test image turned through 12 angles, T MC passes per angle.
 
@@ -142,7 +148,11 @@ class LabTrainer(L.Trainer):
             target_class: class of the image to rotate (1 = trouser).
             index: which test image of that class (0 = the first).
             output_dir: where to write the files; default: the checkpoint's run folder.
+            share_prefix: run the layers before the first noise layer once per image, not once per pass (faster;
+                checked to give the net's own passes); false = every pass through the whole net, the draws of
+                versions before this option.
         """
+        model.mc_share_prefix = share_prefix  # read by rotated_image_experiment
         if ckpt_path:
             state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
             model.load_state_dict(state["state_dict"])

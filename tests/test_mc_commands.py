@@ -63,3 +63,25 @@ def test_rotated_subcommand(checkpoint: Path, tmp_path: Path, capsys: pytest.Cap
     assert table.count("\n| ") >= 12  # one row per angle
     assert (out_dir / "rotated.png").stat().st_size > 0
     assert "predictive entropy" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command", ["mc", "rotated"])
+def test_share_prefix_false_runs_whole_passes(
+    command: str, checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--share_prefix false`` reaches every MC call of the command (``mc``: its predictions and T curve)."""
+    from dropout_lab import mc_passes
+
+    def no_sharing(*args: object) -> None:
+        raise AssertionError("share_prefix false should not look for a prefix to share")
+
+    monkeypatch.setattr(mc_passes, "first_noise_layer", no_sharing)
+    args = [command, *_common(tmp_path), "--ckpt_path", str(checkpoint), "--samples", "4", "--share_prefix", "false"]
+    args += ["--output_dir", str(tmp_path / command)] + (["--curve_repeats", "2"] if command == "mc" else [])
+    DropoutLabCLI(args=args)
+    assert any((tmp_path / command).iterdir())
+    monkeypatch.undo()  # and the default does look for one
+    calls: list[int] = []
+    monkeypatch.setattr(mc_passes, "first_noise_layer", lambda *a: calls.append(1) or None)
+    DropoutLabCLI(args=["true" if a == "false" else a for a in args])
+    assert calls
