@@ -103,16 +103,16 @@ def _shared_forward(module: nn.Module, chunk: Tensor, copies: int, repeater: _Pa
 def _sharing_holds(module: nn.Module, x: Tensor, repeater: _PassRepeater, rows: int) -> bool:
     """Whether sharing the prefix gives this network's passes: the same outputs from the same random draws.
 
-    A few tiny forwards (1 input x 2 passes, and 2 inputs x 3 passes when there are 2; none larger than
-    ``rows``, the forwards' row limit), each run shared and with the inputs repeated up front, from the same
-    random state; the caller's random state is left as it was.
+    A few tiny forwards (1 input x 2 passes, and 2 inputs x 3 passes when there are 2, fewer passes when
+    ``rows``, the forwards' row limit, is smaller), each run shared and with the inputs repeated up front, from
+    the same random state; the caller's random state is left as it was.
     A network that feeds a second noise layer from before the first, or uses a tensor from before it after
     it, draws or combines its noise differently when shared, and so fails (or raises, which counts as failing).
     """
     device = x.device
     devices = [device] if device.type == "cuda" else []
-    for n, k in ((1, 2), (2, 3)):
-        if n > x.shape[0] or n * k > rows:  # rows < 2: one row per forward, nothing is ever repeated
+    for n, k in ((1, min(2, rows)), (2, min(3, rows // 2))):
+        if n > x.shape[0] or k < 2:  # rows < 2: one row per forward, nothing is ever repeated
             continue
         probe, outs = x[:n], []
         for shared in (True, False):
