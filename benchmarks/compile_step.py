@@ -25,13 +25,20 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.speed import add_device_args, chosen_device, device_name  # noqa: E402
+from dropout_lab.dropout import Dropout  # noqa: E402
 from dropout_lab.models import DropoutMLP  # noqa: E402
 
 
-def make_step(p: float, mode: str | None, device: torch.device) -> Callable[[], None]:
-    """A closure running one training step of a fresh MLP (compiled with ``mode`` unless None)."""
+def make_step(p: float, mode: str | None, device: torch.device, uniform_masks: bool = False) -> Callable[[], None]:
+    """A closure running one training step of a fresh MLP (compiled with ``mode`` unless None).
+
+    With ``uniform_masks`` its dropout layers draw their masks as ``UniformDropoutMasks`` makes them.
+    """
     torch.manual_seed(0)
     model = DropoutMLP(dropouts=(p, p)).to(device)
+    for layer in model.modules():
+        if isinstance(layer, Dropout):
+            layer.uniform_masks = uniform_masks
     forward = torch.compile(model, mode=mode) if mode else model
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     x = torch.rand(256, 1, 28, 28, device=device)

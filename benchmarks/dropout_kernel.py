@@ -22,11 +22,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.compile_step import make_step  # noqa: E402
 from benchmarks.speed import add_device_args, chosen_device, device_name  # noqa: E402
 from dropout_lab.dropout import Dropout  # noqa: E402
 from dropout_lab.models import DropoutMLP  # noqa: E402
@@ -64,24 +64,9 @@ def layer_paths(device: torch.device) -> dict[str, Callable[[], object]]:
 
 
 def step_paths(device: torch.device) -> dict[str, Callable[[], object]]:
-    """(2): one training step of the d2l MLP with each kernel, and without dropout."""
-    x = torch.rand(256, 1, 28, 28, device=device)
-    y = torch.randint(0, 10, (256,), device=device)
-    paths: dict[str, Callable[[], object]] = {}
-    for name, p, uniform in (("F.dropout", 0.5, False), ("uniform masks", 0.5, True), ("no dropout", 0.0, False)):
-        torch.manual_seed(0)
-        model = set_uniform(DropoutMLP(dropouts=(p, p)).to(device), uniform)
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-
-        def step(model: DropoutMLP = model, optimizer: torch.optim.Optimizer = optimizer) -> object:
-            loss = F.cross_entropy(model(x), y)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            return loss
-
-        paths[f"MLP training step, {name}"] = step
-    return paths
+    """(2): one training step of the d2l MLP (``compile_step.make_step``) with each kernel, and without dropout."""
+    kernels = (("F.dropout", 0.5, False), ("uniform masks", 0.5, True), ("no dropout", 0.0, False))
+    return {f"MLP training step, {name}": make_step(p, None, device, uniform) for name, p, uniform in kernels}
 
 
 def mc_paths(device: torch.device, images: int, passes: int) -> dict[str, Callable[[], object]]:
