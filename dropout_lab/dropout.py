@@ -30,6 +30,7 @@ __all__ = [
     "check_probability",
     "dropconnect_linear",
     "gaussian_dropout",
+    "keep_multiplier",
     "mask_dtype",
     "scratch_dropout",
     "set_mc",
@@ -96,20 +97,35 @@ def uniform_like(t: Tensor) -> Tensor:
     return torch.rand_like(t, dtype=mask_dtype(t))
 
 
+def keep_multiplier(u: Tensor, p: float | Tensor, inclusive: bool = False) -> Tensor:
+    """Turn uniforms ``u`` in place into inverted dropout's multiplier: ``1 / (1 - p)`` where kept, else 0.
+
+    Kept means ``u > p`` (``u >= p`` with ``inclusive``, so that p = 0 keeps everything). ``x * m`` equals
+    ``x * (u > p) * (1 / (1 - p))`` bit for bit (also in bf16 once rounded back to ``x``'s dtype), and costs one
+    multiplication forward and one backward where a boolean mask costs a conversion and two.
+
+    Args:
+        u: uniforms in [0, 1), overwritten.
+        p: drop probability: a float, or a tensor that broadcasts against ``u``.
+        inclusive: keep ``u == p`` as well.
+    """
+    keep = u.ge_(p) if inclusive else u.gt_(p)
+    return keep.mul_(1.0 / (1.0 - (p.to(u.dtype) if isinstance(p, Tensor) else p)))
+
+
 class _ScratchDropoutFunction(torch.autograd.Function):
-    """Inverted dropout with an explicit backward that reuses the forward's keep mask."""
+    """Inverted dropout with an explicit backward that reuses the forward's keep mask (stored scaled)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, p: float) -> Tensor:
-        mask = uniform_like(x) > p  # uniform keep mask: P(keep) = 1 - p
+        mask = keep_multiplier(uniform_like(x), p)  # uniform keep mask: P(keep) = 1 - p
         ctx.save_for_backward(mask)
-        ctx.scale = 1.0 / (1.0 - p)
-        return x * mask * ctx.scale
+        return (x * mask).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
         (mask,) = ctx.saved_tensors
-        return grad * mask * ctx.scale, None
+        return (grad * mask).to(grad.dtype), None
 
 
 def scratch_dropout(x: Tensor, p: float, training: bool = True) -> Tensor:
@@ -130,8 +146,8 @@ def channel_dropout(x: Tensor, p: float, training: bool = True) -> Tensor:
     p = check_probability(p)
     if not training or p == 0:
         return x
-    mask = torch.rand(x.shape[:2] + (1,) * (x.dim() - 2), device=x.device, dtype=mask_dtype(x)) > p
-    return x * mask * (1.0 / (1.0 - p))
+    u = torch.rand(x.shape[:2] + (1,) * (x.dim() - 2), device=x.device, dtype=mask_dtype(x))
+    return (x * keep_multiplier(u, p)).to(x.dtype)
 
 
 def gaussian_dropout(x: Tensor, p: float, training: bool = True) -> Tensor:

@@ -21,7 +21,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor, nn
 
 from dropout_lab.classifier import ClassifierModule
-from dropout_lab.dropout import StochasticModule, uniform_like
+from dropout_lab.dropout import StochasticModule, keep_multiplier, uniform_like
 from dropout_lab.nets import NUM_CLASSES, NUM_INPUTS
 from dropout_lab.types import Probability, check_probability
 
@@ -83,8 +83,7 @@ class MemberDropout(StochasticModule):
         if not self.stochastic:
             return x
         p = self.probs.view(-1, *([1] * (x.dim() - 1)))
-        keep = uniform_like(x) >= p
-        return x * keep / (1.0 - p)
+        return (x * keep_multiplier(uniform_like(x), p, inclusive=True)).to(x.dtype)
 
 
 def _best(name: str) -> str:

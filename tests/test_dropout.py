@@ -37,6 +37,8 @@ from dropout_lab.dropout import (
     check_probability,
     dropconnect_linear,
     gaussian_dropout,
+    keep_multiplier,
+    mask_dtype,
     scratch_dropout,
     set_mc,
     stochastic_modules,
@@ -409,12 +411,36 @@ def test_scratch_backward_reuses_the_exact_forward_mask() -> None:
     torch.manual_seed(3)
     out = scratch_dropout(x, p)
     assert type(out.grad_fn).__name__ == f"{_ScratchDropoutFunction.__name__}Backward"
-    (saved,) = out.grad_fn.saved_tensors
-    assert torch.equal(saved, mask)
+    (saved,) = out.grad_fn.saved_tensors  # the keep mask, stored scaled: 1 / (1 - p) where kept, else 0
+    assert torch.equal(saved, mask * (1 / (1 - p)))
     assert torch.equal(out, x.detach() * mask * (1 / (1 - p)))
     g = torch.randn_like(x)
     out.backward(g)
     assert torch.equal(x.grad, g * mask * (1 / (1 - p)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("op", ["scratch", "channel"])
+def test_scaled_keep_mask_equals_the_boolean_formula(op: str, dtype: torch.dtype) -> None:
+    """``x * keep_multiplier(u, p)`` is ``x * (u > p) * (1 / (1 - p))`` bit for bit, forward and backward."""
+    fn = scratch_dropout if op == "scratch" else channel_dropout
+    x = (torch.randn(16, 6, 5, 5) * 3).to(dtype).requires_grad_()
+    g = torch.randn(x.shape).to(dtype)
+    mask_shape = x.shape if op == "scratch" else (*x.shape[:2], 1, 1)
+    for p in (0.1, 0.3, 0.5, 0.7, 0.9):
+        torch.manual_seed(5)
+        u = torch.rand(mask_shape, dtype=mask_dtype(x))  # the draws the op makes
+        ref = x.detach() * (u > p) * (1.0 / (1.0 - p))
+        assert torch.equal(keep_multiplier(u.clone(), p), (u > p).to(u.dtype) * (1.0 / (1.0 - p)))
+        torch.manual_seed(5)
+        out = fn(x, p)
+        assert out.dtype == dtype and torch.equal(out, ref), (p, (out - ref).abs().max())
+        x.grad = None
+        out.backward(g)
+        assert torch.equal(x.grad, g * (u > p) * (1.0 / (1.0 - p))), p
+    u = torch.zeros(4)
+    assert torch.equal(keep_multiplier(u.clone(), 0.0, inclusive=True), torch.ones(4))  # p = 0 keeps u == 0
+    assert torch.equal(keep_multiplier(u.clone(), 0.0), torch.zeros(4))
 
 
 def test_scratch_dropout_p_one_gives_zeros() -> None:
