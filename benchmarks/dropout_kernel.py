@@ -3,7 +3,9 @@
 Three measurements, the kernels interleaved in one process, medians of ``--rounds`` rounds:
 
 1. one dropout forward + backward (p = 0.5) on a (256, 256) batch of activations, and a forward on
-   (16 384, 256) (an MC chunk);
+   (16 384, 256) (an MC chunk); also the uniform-mask kernel as it was before its mask was kept scaled
+   ("boolean mask": ``x * (u > p) * (1 / (1 - p))`` forward, two multiplications backward), and the population's
+   ``MemberDropout`` on (24, 256, 256) (the swap study's 24 members) both ways;
 2. one training step of the d2l MLP (784-256-256-10, dropout 0.5/0.5, batch 256, SGD): PyTorch's kernel,
    uniform masks, and no dropout (p = 0) for what dropout costs at all;
 3. ``mc_predict`` over ``--mc-images`` random images × T = ``--mc-passes`` with each kernel.
@@ -22,14 +24,16 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.compile_step import make_step  # noqa: E402
 from benchmarks.speed import add_device_args, chosen_device, device_name  # noqa: E402
-from dropout_lab.dropout import Dropout  # noqa: E402
+from dropout_lab.dropout import Dropout, uniform_like  # noqa: E402
 from dropout_lab.models import DropoutMLP  # noqa: E402
+from dropout_lab.population import MemberDropout  # noqa: E402
 from dropout_lab.uncertainty import mc_predict  # noqa: E402
 
 
@@ -60,6 +64,21 @@ def layer_paths(device: torch.device) -> dict[str, Callable[[], object]]:
 
         paths[f"layer fwd+bwd (256, 256), {name}"] = train
         paths[f"layer fwd (16384, 256), {name}"] = mc
+
+    def boolean(x: Tensor, p: float) -> Tensor:  # the uniform-mask kernel before its mask was kept scaled
+        return x * (uniform_like(x) > p) * (1.0 / (1.0 - p))
+
+    def member_boolean(x: Tensor, p: Tensor) -> Tensor:  # MemberDropout before its mask was kept scaled
+        return x * (uniform_like(x) >= p) / (1.0 - p)
+
+    paths["layer fwd+bwd (256, 256), boolean mask"] = lambda: boolean(small, 0.5).sum().backward()
+    members = torch.randn(24, 256, 256, device=device, requires_grad=True)
+    layer = MemberDropout([0.5, 0.3, 0.5, 0.1, 0.5, 0.1, 0.9, 0.0] * 3).to(device).train()
+    probs = layer.probs.view(-1, 1, 1)
+    paths["MemberDropout fwd+bwd (24, 256, 256), uniform masks"] = lambda: layer(members).sum().backward()
+    paths["MemberDropout fwd+bwd (24, 256, 256), boolean mask"] = lambda: (
+        member_boolean(members, probs).sum().backward()
+    )
     return paths
 
 
@@ -121,7 +140,9 @@ def main() -> None:
     print("| path | ms | × uniform masks |")
     print("|---|---:|---:|")
     for name, values in times.items():
-        base = name.replace("F.dropout", "uniform masks").replace("no dropout", "uniform masks")
+        base = name
+        for other in ("F.dropout", "no dropout", "boolean mask"):
+            base = base.replace(other, "uniform masks")
         ratio = statistics.median(values) / statistics.median(times[base])
         print(f"| {name} | {statistics.median(values):.3f} | {ratio:.2f} |")
 
