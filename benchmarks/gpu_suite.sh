@@ -82,7 +82,7 @@ for stage in "${stages[@]}"; do
             run mc "$py" benchmarks/mc_dropout.py --rounds 3 --device gpu
             run dropout-kernel "$py" benchmarks/dropout_kernel.py --rounds 3 --device gpu --mc-images 10000 ;;
         population)
-            run population "$py" benchmarks/population.py --rounds 2 --device gpu
+            run population "$py" benchmarks/population.py --rounds 2 --device gpu --precisions 32-true bf16-mixed
             run population-fit population_fit
             run population-fast population_fit --data.batch_size 2048 --model.init_args.micro_batch_size 256 \
                 --trainer.callbacks+=dropout_lab.speed.CompileModule --trainer.callbacks.mode reduce-overhead \

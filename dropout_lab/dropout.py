@@ -102,7 +102,8 @@ def keep_multiplier(u: Tensor, p: float | Tensor, inclusive: bool = False) -> Te
 
     Kept means ``u > p`` (``u >= p`` with ``inclusive``, so that p = 0 keeps everything). ``x * m`` equals
     ``x * (u > p) * (1 / (1 - p))`` bit for bit (also in bf16 once rounded back to ``x``'s dtype), and costs one
-    multiplication forward and one backward where a boolean mask costs a conversion and two.
+    multiplication forward and one backward where a boolean mask costs a conversion and two. Saved for the
+    backward it takes 4 bytes an element where a boolean mask takes 1.
 
     Args:
         u: uniforms in [0, 1), overwritten.
