@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -95,7 +96,8 @@ class PopulationMLP(ClassifierModule):
     """``cells × members_per_cell`` dropout MLPs (the d2l architecture) trained together as one module.
 
     Logs the population means ``train/loss``, ``train/acc``, ``val/acc``, ``test/acc`` and, per member,
-    ``val/acc/<member>`` and ``test/acc/<member>`` with member names ``c<cell>s<seed>``. A ``ClassifierModule``
+    ``val/acc/<member>`` and ``test/acc/<member>`` with member names ``c<cell>s<seed>``. After a test it prints
+    each cell's mean ± std test accuracy and writes that table to ``<log_dir>/test_cells.md``. A ``ClassifierModule``
     for the CLI's sake, with its own steps (``mc`` and ``predict`` are not supported).
 
     Args:
@@ -189,6 +191,32 @@ class PopulationMLP(ClassifierModule):
                 self.log(f"{stage}/acc/{name}", value)
         if f"{stage}/loss" in self._sums:
             self.log(f"{stage}/loss", (self._sums.pop(f"{stage}/loss") / n).mean().float())
+        if stage == "test":
+            self._report_cells(acc)
+
+    def cell_table(self, acc: Tensor) -> str:
+        """A Markdown table of each cell's accuracy ``acc`` (K,): mean ± sample std over its members, in %."""
+        from dropout_lab.study_report import mean_std
+
+        cells = len(self.hparams.dropouts)
+        wds = self.wd.view(cells, -1)[:, 0].tolist()
+        rows = ["| cell | dropouts | weight decay | members | test acc % (mean ± std) |", "|---|---|---|---|---|"]
+        for c, values in enumerate((acc.double() * 100).view(cells, -1).tolist()):
+            mean, std = mean_std(values)
+            ps = ", ".join(f"{p:g}" for p in self.hparams.dropouts[c])
+            rows.append(f"| c{c} | [{ps}] | {wds[c]:g} | {len(values)} | {mean:.2f} ± {std:.2f} |")
+        return "\n".join(rows) + "\n"
+
+    def _report_cells(self, acc: Tensor) -> None:
+        """Print the test's :meth:`cell_table` and write it to ``<log_dir>/test_cells.md`` (rank zero)."""
+        log_dir = self.trainer.log_dir or self.trainer.default_root_dir  # every rank: log_dir broadcasts
+        if not self.trainer.is_global_zero:
+            return
+        table = self.cell_table(acc)
+        path = Path(log_dir) / "test_cells.md"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(table)
+        print(f"\ntest accuracy per cell (members: {', '.join(self.names)}), written to {path}:\n{table}")
 
     @torch.no_grad()
     def _keep_best(self, acc: Tensor) -> None:

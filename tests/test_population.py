@@ -9,6 +9,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+import yaml
 from conftest import synthetic_cli_args
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -18,6 +19,7 @@ from dropout_lab.models import DropoutMLP
 from dropout_lab.population import MemberDropout, PopulationMLP, StackedLinear
 
 ROOT = Path(__file__).resolve().parents[1]
+DROPOUTS = yaml.safe_load((ROOT / "configs" / "population_swap.yaml").read_text())["model"]["init_args"]["dropouts"]
 
 
 def batches(n: int = 192, seed: int = 0) -> DataLoader:
@@ -104,6 +106,16 @@ def test_population_config_through_the_cli(gz_dir: Path, tmp_path: Path, monkeyp
     assert cli.model.k == 16
     members = [float(metrics[f"test/acc/c{c}s{s}"]) for c in range(8) for s in range(2)]
     assert float(metrics["test/acc"]) == pytest.approx(sum(members) / len(members), abs=1e-6)
+    # the per-cell table after the test: mean ± std of the members' logged test/acc, one row per cell
+    rows = (Path(cli.trainer.log_dir) / "test_cells.md").read_text().splitlines()[2:]
+    assert len(rows) == 8
+    for c, row in enumerate(rows):
+        cells = [part.strip() for part in row.strip("|").split("|")]
+        assert cells[:4] == [f"c{c}", "[" + ", ".join(f"{p:g}" for p in DROPOUTS[c]) + "]", "0", "2"]
+        pair = [100 * members[2 * c], 100 * members[2 * c + 1]]
+        mean, std = (float(v) for v in cells[4].split(" ± "))
+        assert mean == pytest.approx(sum(pair) / 2, abs=0.006)
+        assert std == pytest.approx(abs(pair[0] - pair[1]) / math.sqrt(2), abs=0.006)
 
 
 def test_each_member_keeps_its_best_validation_weights() -> None:
