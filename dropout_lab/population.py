@@ -216,7 +216,7 @@ class PopulationMLP(ClassifierModule):
         path = Path(log_dir) / "test_cells.md"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(table)
-        print(f"\ntest accuracy per cell (members: {', '.join(self.names)}), written to {path}:\n{table}")
+        print(f"\ntest accuracy per cell, mean ± std over its members c<cell>s<seed> (also in {path}):\n{table}")
 
     @torch.no_grad()
     def _keep_best(self, acc: Tensor) -> None:
