@@ -4,7 +4,8 @@ Every noise layer subclasses :class:`StochasticModule`, so MC dropout and the ac
 find them with :func:`stochastic_modules` / :func:`set_mc`, not with ``isinstance(m, nn.Dropout)``. A layer is
 random when ``(training or mc) and has_noise``; otherwise it returns its deterministic expectation (identity
 for dropout). Noise is drawn on the input's device and dtype (keep masks from float32 uniforms under bf16 and
-fp16: :func:`mask_dtype`); no forward syncs with the host.
+fp16: :func:`mask_dtype`); no forward syncs with the host. DropConnect, which drops weights rather than
+activations, lives in :mod:`dropout_lab.dropconnect`.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from dropout_lab.types import check_probability
 
 __all__ = [
     "ChannelDropout",
-    "DropConnectLinear",
     "Dropout",
     "Dropout2d",
     "GaussianDropout",
@@ -28,7 +28,6 @@ __all__ = [
     "StochasticModule",
     "channel_dropout",
     "check_probability",
-    "dropconnect_linear",
     "gaussian_dropout",
     "keep_multiplier",
     "mask_dtype",
@@ -97,7 +96,9 @@ def uniform_like(t: Tensor) -> Tensor:
     return torch.rand_like(t, dtype=mask_dtype(t))
 
 
-def keep_multiplier(u: Tensor, p: float | Tensor, inclusive: bool = False) -> Tensor:
+def keep_multiplier(
+    u: Tensor, p: float | Tensor, inclusive: bool = False, scale: float | Tensor | None = None
+) -> Tensor:
     """Turn uniforms ``u`` in place into inverted dropout's multiplier: ``1 / (1 - p)`` where kept, else 0.
 
     Kept means ``u > p`` (``u >= p`` with ``inclusive``, so that p = 0 keeps everything). ``x * m`` equals
@@ -109,9 +110,12 @@ def keep_multiplier(u: Tensor, p: float | Tensor, inclusive: bool = False) -> Te
         u: uniforms in [0, 1), overwritten.
         p: drop probability: a float, or a tensor that broadcasts against ``u``.
         inclusive: keep ``u == p`` as well.
+        scale: ``1 / (1 - p)`` computed ahead (a layer with a tensor ``p`` keeps it, instead of three ops a call).
     """
     keep = u.ge_(p) if inclusive else u.gt_(p)
-    return keep.mul_(1.0 / (1.0 - (p.to(u.dtype) if isinstance(p, Tensor) else p)))
+    if scale is None:
+        scale = 1.0 / (1.0 - (p.to(u.dtype) if isinstance(p, Tensor) else p))
+    return keep.mul_(scale)
 
 
 class _ScratchDropoutFunction(torch.autograd.Function):
@@ -237,73 +241,3 @@ class GaussianDropout(_DropModule):
     def forward(self, x: Tensor) -> Tensor:
         """``x`` times N(1, p/(1-p)) noise when stochastic, else ``x``."""
         return gaussian_dropout(x, self.p) if self.stochastic else x
-
-
-# ---------------------------------------------------------------------------------------------- DropConnect
-def _dropconnect(x: Tensor, w: Tensor, b: Tensor | None, p: float, per_sample: bool) -> tuple[Tensor, Tensor]:
-    """Return the output and the boolean keep mask: (out, in), or (rows, out, in) per sample."""
-    scaled = w * (1.0 / (1.0 - p))
-    if not per_sample:
-        mask = torch.rand(w.shape, device=w.device, dtype=mask_dtype(w)) > p
-        return F.linear(x, torch.where(mask, scaled, 0.0), b), mask
-    rows = x.reshape(-1, x.shape[-1])
-    mask = torch.rand((rows.shape[0], *w.shape), device=w.device, dtype=mask_dtype(w)) > p
-    out = torch.bmm(torch.where(mask, scaled, 0.0), rows.unsqueeze(-1)).squeeze(-1)
-    if b is not None:
-        out = out + b
-    return out.reshape(*x.shape[:-1], w.shape[0]), mask
-
-
-def dropconnect_linear(
-    x: Tensor,
-    weight: Tensor,
-    bias: Tensor | None = None,
-    p: float = 0.5,
-    training: bool = True,
-    per_sample: bool = False,
-) -> Tensor:
-    """DropConnect (Wan et al. 2013): ``F.linear`` with each weight kept w.p. 1 - p and scaled by 1/(1-p).
-
-    The bias is never masked. One weight mask per call, or one per row of ``x`` with ``per_sample=True``
-    (memory: rows x out x in). ``training=False`` or ``p = 0`` is exactly ``F.linear``.
-    """
-    p = check_probability(p)
-    if not training or p == 0:
-        return F.linear(x, weight, bias)
-    return _dropconnect(x, weight, bias, p, per_sample)[0]
-
-
-class DropConnectLinear(nn.Linear, StochasticModule):
-    """An ``nn.Linear`` whose weights (not activations) are dropped in training; eval uses the full weights.
-
-    After each stochastic forward, ``last_mask`` holds the boolean keep mask it used ((out, in), or
-    (rows, out, in) with ``per_sample``); it is ``None`` before and untouched by deterministic forwards.
-
-    Args:
-        in_features: size of each input sample.
-        out_features: size of each output sample.
-        p: probability of dropping each weight (0 <= p < 1).
-        bias: whether to learn an additive bias (never masked).
-        per_sample: draw one weight mask per row of the batch instead of one per forward.
-    """
-
-    _repr_fields = ("p", "per_sample")
-
-    def __init__(
-        self, in_features: int, out_features: int, p: float = 0.5, bias: bool = True, per_sample: bool = False
-    ) -> None:
-        super().__init__(in_features, out_features, bias=bias)
-        self.p = check_probability(p)
-        self.per_sample = per_sample
-        self.last_mask: Tensor | None = None
-
-    def forward(self, x: Tensor) -> Tensor:
-        """``x W'^T + b`` with ``W'`` the masked, rescaled weights when stochastic; ``F.linear`` otherwise."""
-        if not self.stochastic:
-            return F.linear(x, self.weight, self.bias)
-        out, self.last_mask = _dropconnect(x, self.weight, self.bias, self.p, self.per_sample)
-        return out
-
-    def extra_repr(self) -> str:
-        """``nn.Linear``'s fields, then ``p`` and ``per_sample``."""
-        return f"{nn.Linear.extra_repr(self)}, {StochasticModule.extra_repr(self)}"

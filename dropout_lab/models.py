@@ -16,8 +16,8 @@ from dropout_lab.activations import (
     StochasticReLU,
 )
 from dropout_lab.classifier import ClassifierModule, default_sgd
+from dropout_lab.dropconnect import DropConnectLinear
 from dropout_lab.dropout import (
-    DropConnectLinear,
     Dropout,
     GaussianDropout,
     StochasticModule,

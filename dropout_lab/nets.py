@@ -14,7 +14,8 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from dropout_lab.dropout import ChannelDropout, DropConnectLinear, Dropout, Dropout2d, ScratchDropout
+from dropout_lab.dropconnect import DropConnectLinear
+from dropout_lab.dropout import ChannelDropout, Dropout, Dropout2d, ScratchDropout
 
 __all__ = ["ACTIVATIONS", "NUM_CLASSES", "NUM_INPUTS", "ActivationName", "ScratchMLP", "lenet", "mlp"]
 

@@ -76,6 +76,7 @@ class MemberDropout(StochasticModule):
         for value in p:
             check_probability(value, "dropouts")
         self.register_buffer("probs", torch.tensor([float(v) for v in p]), persistent=False)
+        self.register_buffer("scales", 1.0 / (1.0 - self.probs), persistent=False)
         self.p = max(float(v) for v in p)  # the family's scalar p: > 0 iff any member drops
         self.p_list = [float(v) for v in p]
 
@@ -83,8 +84,9 @@ class MemberDropout(StochasticModule):
         """Each member's activations dropped with its own p and scaled by 1 / (1 − p)."""
         if not self.stochastic:
             return x
-        p = self.probs.view(-1, *([1] * (x.dim() - 1)))
-        return (x * keep_multiplier(uniform_like(x), p, inclusive=True)).to(x.dtype)
+        shape = (-1, *([1] * (x.dim() - 1)))
+        keep = keep_multiplier(uniform_like(x), self.probs.view(shape), True, self.scales.view(shape))
+        return (x * keep).to(x.dtype)
 
 
 def _best(name: str) -> str:

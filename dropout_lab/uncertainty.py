@@ -23,7 +23,8 @@ import torch
 from torch import Tensor, nn
 
 from dropout_lab.calibration import calibration_metrics, entropy
-from dropout_lab.dropout import DropConnectLinear, StochasticModule, set_mc
+from dropout_lab.dropconnect import DropConnectLinear
+from dropout_lab.dropout import StochasticModule, set_mc
 from dropout_lab.mc_passes import PrefixSharingError, first_noise_layer, pass_runner
 from dropout_lab.mc_results import MCResult, _Accumulator, summarize_logits
 
@@ -77,7 +78,7 @@ def mc_mode(module: nn.Module, per_sample_dropconnect: bool = False) -> Iterator
 
     On exit, also when the body raises, every submodule gets back its own train/eval mode (mixed modes too),
     every :class:`~dropout_lab.dropout.StochasticModule` its previous ``mc`` flag, and every
-    :class:`~dropout_lab.dropout.DropConnectLinear` its ``per_sample`` flag and ``last_mask``.
+    :class:`~dropout_lab.dropconnect.DropConnectLinear` its ``per_sample`` flag and ``last_mask``.
 
     Args:
         module: the network or LightningModule.

@@ -24,9 +24,9 @@ from dropout_lab.activations import (
     make_stochastic_activation,
     stochastic_relu,
 )
+from dropout_lab.dropconnect import DropConnectLinear, dropconnect_linear
 from dropout_lab.dropout import (
     ChannelDropout,
-    DropConnectLinear,
     Dropout,
     Dropout2d,
     GaussianDropout,
@@ -35,7 +35,6 @@ from dropout_lab.dropout import (
     _ScratchDropoutFunction,
     channel_dropout,
     check_probability,
-    dropconnect_linear,
     gaussian_dropout,
     keep_multiplier,
     mask_dtype,

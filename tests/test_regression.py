@@ -93,7 +93,7 @@ def test_forward_and_mc_shapes() -> None:
 
 def test_dropconnect_passes_in_one_forward_get_their_own_masks() -> None:
     """mc_moments runs many passes per forward: a DropConnect layer must draw one weight mask per row there."""
-    from dropout_lab.dropout import DropConnectLinear
+    from dropout_lab.dropconnect import DropConnectLinear
 
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(1, 16), torch.nn.ReLU(), DropConnectLinear(16, 16, p=0.5),

@@ -16,7 +16,8 @@ from torchmetrics.functional.classification import multiclass_calibration_error
 
 from dropout_lab import mc_results
 from dropout_lab.calibration import calibration_metrics, reliability_bins
-from dropout_lab.dropout import DropConnectLinear, Dropout, StochasticModule, stochastic_modules
+from dropout_lab.dropconnect import DropConnectLinear
+from dropout_lab.dropout import Dropout, StochasticModule, stochastic_modules
 from dropout_lab.models import (
     DropConnectMLP,
     DropoutMLP,
