@@ -11,7 +11,7 @@ per launch, which is what a launch-bound GPU needs, and one process instead of K
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -75,10 +75,27 @@ class MemberDropout(StochasticModule):
         super().__init__()
         for value in p:
             check_probability(value, "dropouts")
-        self.register_buffer("probs", torch.tensor([float(v) for v in p]), persistent=False)
-        self.register_buffer("scales", 1.0 / (1.0 - self.probs), persistent=False)
         self.p = max(float(v) for v in p)  # the family's scalar p: > 0 iff any member drops
         self.p_list = [float(v) for v in p]
+        self.register_buffer("probs", torch.empty(0), persistent=False)
+        self.register_buffer("scales", torch.empty(0), persistent=False)
+        self._set_buffers(torch.float32, None)
+
+    def _set_buffers(self, dtype: torch.dtype, device: torch.device | None) -> None:
+        """``probs`` and ``scales = 1 / (1 − p)`` from the exact floats, in the masks' dtype (float32 or float64)."""
+        probs = torch.tensor(self.p_list, dtype=torch.float64)
+        self.probs = probs.to(dtype=dtype, device=device)
+        self.scales = (1.0 / (1.0 - probs)).to(dtype=dtype, device=device)  # correctly rounded
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> MemberDropout:
+        """``.to()``, ``.half()``, ``.cuda()``…: buffers follow the device; not a half dtype (bf16-true, 16-true).
+
+        The masks are drawn in float32 (float64 for float64 input), so ``p`` and its scale stay in that dtype: a
+        bf16 p = 0.1 would drop 0.10009765625 of the units and scale them by 1.109375 instead of 1.111….
+        """
+        super()._apply(fn, recurse)
+        self._set_buffers(torch.float64 if self.probs.dtype == torch.float64 else torch.float32, self.probs.device)
+        return self
 
     def forward(self, x: Tensor) -> Tensor:
         """Each member's activations dropped with its own p and scaled by 1 / (1 − p)."""
@@ -206,7 +223,8 @@ class PopulationMLP(ClassifierModule):
         for c, values in enumerate((acc.double() * 100).view(cells, -1).tolist()):
             mean, std = mean_std(values)
             ps = ", ".join(f"{p:g}" for p in self.hparams.dropouts[c])
-            rows.append(f"| c{c} | [{ps}] | {wds[c]:g} | {len(values)} | {mean:.2f} ± {std:.2f} |")
+            spread = f"{std:.2f}" if len(values) > 1 else "—"  # one member: no spread to report
+            rows.append(f"| c{c} | [{ps}] | {wds[c]:g} | {len(values)} | {mean:.2f} ± {spread} |")
         return "\n".join(rows) + "\n"
 
     def _report_cells(self, acc: Tensor) -> None:
@@ -218,7 +236,7 @@ class PopulationMLP(ClassifierModule):
         path = Path(log_dir) / "test_cells.md"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(table)
-        print(f"\ntest accuracy per cell, mean ± std over its members c<cell>s<seed> (also in {path}):\n{table}")
+        self.print(f"\ntest accuracy per cell, mean ± std over its members c<cell>s<seed> (also in {path}):\n{table}")
 
     @torch.no_grad()
     def _keep_best(self, acc: Tensor) -> None:

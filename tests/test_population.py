@@ -83,6 +83,35 @@ def test_member_dropout_rates_and_means() -> None:
         MemberDropout([0.5, 1.0])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_member_dropout_keeps_the_input_dtype_and_rounds_like_the_formula(dtype: torch.dtype) -> None:
+    """Output and gradient come back in ``x``'s dtype and equal ``x · [u ≥ p] · (1 / (1 − p))`` from the same draws.
+
+    The layer is cast to ``dtype`` as ``Trainer(precision="bf16-true" / "64-true")`` casts a module; its ``p`` and
+    scale stay in the masks' dtype (float32, float64 for float64 input), never rounded to a half type. The product
+    is rounded once to ``x``'s dtype, so against ``x / (1 − p)`` it is off by at most ~1 ulp.
+    """
+    ps = [0.0, 0.1, 0.5, 0.8]
+    layer = MemberDropout(ps).train().to(dtype)
+    mask_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    assert layer.probs.dtype == layer.scales.dtype == mask_dtype
+    x = torch.randn(len(ps), 64, 32).to(dtype).requires_grad_()
+    torch.manual_seed(3)
+    out = layer(x)
+    torch.manual_seed(3)
+    u = torch.rand(x.shape, dtype=mask_dtype)
+    p = torch.tensor(ps, dtype=torch.float64).view(-1, 1, 1)
+    keep = (u >= p.to(mask_dtype)).to(mask_dtype) * (1.0 / (1.0 - p)).to(mask_dtype)
+    assert out.dtype == dtype
+    assert torch.equal(out, (x.detach() * keep).to(dtype))
+    divided = torch.where(keep > 0, x.detach().double() / (1.0 - p), 0.0)
+    torch.testing.assert_close(out.double(), divided, rtol=2 * torch.finfo(dtype).eps, atol=0)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    assert x.grad.dtype == dtype
+    assert torch.equal(x.grad, (grad * keep).to(dtype))
+
+
 def test_masks_differ_between_members_and_steps() -> None:
     torch.manual_seed(0)
     layer = MemberDropout([0.5, 0.5]).train()
@@ -136,3 +165,10 @@ def test_each_member_keeps_its_best_validation_weights() -> None:
     pop.on_test_end()  # ... and training weights come back
     torch.testing.assert_close(pop.net[0].weight, current)
     assert "best_net_0_weight" in pop.state_dict()  # kept in checkpoints
+
+
+def test_cell_table_reports_no_spread_for_a_single_member() -> None:
+    one = PopulationMLP((8,), [(0.0,), (0.5,)], members_per_cell=1).cell_table(torch.tensor([0.8, 0.7]))
+    assert [row.split("|")[5].strip() for row in one.splitlines()[2:]] == ["80.00 ± —", "70.00 ± —"]
+    two = PopulationMLP((8,), [(0.5,)], members_per_cell=2).cell_table(torch.tensor([0.8, 0.7]))
+    assert two.splitlines()[2].split("|")[5].strip() == f"75.00 ± {math.sqrt(50):.2f}"

@@ -395,11 +395,21 @@ def test_gpu_cuda_graph_fit_follows_the_eager_curve(dropouts: tuple[float, float
         assert abs(b[-10:].mean() / a[-10:].mean() - 1) < 0.03, (a, b)
 
 
+def _uniform_mask_mlp() -> DropoutMLP:
+    """A ``DropoutMLP`` whose ``Dropout`` layers run the uniform-mask kernel (as ``UniformDropoutMasks`` sets)."""
+    model = DropoutMLP()
+    layers = [m for m in model.modules() if isinstance(m, Dropout)]
+    assert layers
+    for layer in layers:
+        layer.uniform_masks = True
+    return model
+
+
 @pytest.mark.parametrize(
     "make",
     [DropoutMLP, ScratchDropoutMLP, DropConnectMLP, StochasticActivationMLP, GaussianDropoutMLP, LeNet,
-     lambda: PopulationMLP(dropouts=[[0.5, 0.5], [0.1, 0.9]], members_per_cell=2)],
-    ids=["nn.Dropout", "scratch", "DropConnect", "stochastic", "gaussian", "LeNet", "population"],
+     lambda: PopulationMLP(dropouts=[[0.5, 0.5], [0.1, 0.9]], members_per_cell=2), _uniform_mask_mlp],
+    ids=["nn.Dropout", "scratch", "DropConnect", "stochastic", "gaussian", "LeNet", "population", "uniform masks"],
 )  # fmt: skip
 def test_every_model_compiles_without_graph_breaks(make) -> None:
     """Each model's forward is one graph (``fullgraph=True`` raises at a break), in training and in eval.
