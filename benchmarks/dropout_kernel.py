@@ -33,7 +33,7 @@ from benchmarks.compile_step import make_step  # noqa: E402
 from benchmarks.speed import add_device_args, chosen_device, device_name  # noqa: E402
 from dropout_lab.dropout import Dropout, uniform_like  # noqa: E402
 from dropout_lab.models import DropoutMLP  # noqa: E402
-from dropout_lab.population import MemberDropout  # noqa: E402
+from dropout_lab.stacked import MemberDropout  # noqa: E402
 from dropout_lab.uncertainty import mc_predict  # noqa: E402
 
 

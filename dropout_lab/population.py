@@ -10,7 +10,6 @@ per launch, which is what a launch-bound GPU needs, and one process instead of K
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Literal
@@ -22,88 +21,11 @@ from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor, nn
 
 from dropout_lab.classifier import ClassifierModule
-from dropout_lab.dropout import StochasticModule, keep_multiplier, uniform_like
 from dropout_lab.nets import NUM_CLASSES, NUM_INPUTS
-from dropout_lab.types import Probability, check_probability
+from dropout_lab.stacked import MemberDropout, StackedLinear
+from dropout_lab.types import Probability
 
 __all__ = ["MemberDropout", "PopulationMLP", "StackedLinear"]
-
-
-class StackedLinear(nn.Module):
-    """K independent linear layers applied to K stacked inputs (K, B, in) → (K, B, out) with one ``baddbmm``.
-
-    Each member is initialized like ``nn.Linear`` (uniform ±1/√in for weight and bias), from its own generator.
-
-    Args:
-        members: K.
-        in_features: input width.
-        out_features: output width.
-        seeds: one initialization seed per member.
-    """
-
-    def __init__(self, members: int, in_features: int, out_features: int, seeds: Sequence[int]) -> None:
-        super().__init__()
-        bound = 1.0 / math.sqrt(in_features)
-        weight, bias = torch.empty(members, in_features, out_features), torch.empty(members, 1, out_features)
-        for k, seed in enumerate(seeds):
-            g = torch.Generator().manual_seed(int(seed))
-            weight[k].uniform_(-bound, bound, generator=g)
-            bias[k].uniform_(-bound, bound, generator=g)
-        self.weight, self.bias = nn.Parameter(weight), nn.Parameter(bias)
-
-    def forward(self, x: Tensor) -> Tensor:
-        """(K, B, in) → (K, B, out)."""
-        return torch.baddbmm(self.bias, x, self.weight)
-
-    def load_linear(self, k: int, linear: nn.Linear) -> None:
-        """Copy an ``nn.Linear``'s weights into member ``k``."""
-        with torch.no_grad():
-            self.weight[k].copy_(linear.weight.T)
-            self.bias[k, 0].copy_(linear.bias)
-
-
-class MemberDropout(StochasticModule):
-    """Inverted dropout with one probability per member: input (K, B, F), ``p`` a (K,) buffer.
-
-    Args:
-        p: drop probability of each member (0 ≤ p < 1).
-    """
-
-    _repr_fields = ("p_list",)
-
-    def __init__(self, p: Sequence[float]) -> None:
-        super().__init__()
-        for value in p:
-            check_probability(value, "dropouts")
-        self.p = max(float(v) for v in p)  # the family's scalar p: > 0 iff any member drops
-        self.p_list = [float(v) for v in p]
-        self.register_buffer("probs", torch.empty(0), persistent=False)
-        self.register_buffer("scales", torch.empty(0), persistent=False)
-        self._set_buffers(torch.float32, None)
-
-    def _set_buffers(self, dtype: torch.dtype, device: torch.device | None) -> None:
-        """``probs`` and ``scales = 1 / (1 − p)`` from the exact floats, in the masks' dtype (float32 or float64)."""
-        probs = torch.tensor(self.p_list, dtype=torch.float64)
-        self.probs = probs.to(dtype=dtype, device=device)
-        self.scales = (1.0 / (1.0 - probs)).to(dtype=dtype, device=device)  # correctly rounded
-
-    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> MemberDropout:
-        """``.to()``, ``.half()``, ``.cuda()``…: buffers follow the device; not a half dtype (bf16-true, 16-true).
-
-        The masks are drawn in float32 (float64 for float64 input), so ``p`` and its scale stay in that dtype: a
-        bf16 p = 0.1 would drop 0.10009765625 of the units and scale them by 1.109375 instead of 1.111….
-        """
-        super()._apply(fn, recurse)
-        self._set_buffers(torch.float64 if self.probs.dtype == torch.float64 else torch.float32, self.probs.device)
-        return self
-
-    def forward(self, x: Tensor) -> Tensor:
-        """Each member's activations dropped with its own p and scaled by 1 / (1 − p)."""
-        if not self.stochastic:
-            return x
-        shape = (-1, *([1] * (x.dim() - 1)))
-        keep = keep_multiplier(uniform_like(x), self.probs.view(shape), True, self.scales.view(shape))
-        return (x * keep).to(x.dtype)
 
 
 def _best(name: str) -> str:
@@ -157,7 +79,8 @@ class PopulationMLP(ClassifierModule):
         self.k = cells * members_per_cell
         self.names = [f"c{c}s{s}" for c in range(cells) for s in range(members_per_cell)]
         member_p = [dropouts[m // members_per_cell] for m in range(self.k)]
-        wds = list(weight_decays) * (cells if len(weight_decays) == 1 else 1)
+        self.cell_wds = [float(w) for w in weight_decays] * (cells if len(weight_decays) == 1 else 1)
+        wds = self.cell_wds
         self.register_buffer("wd", torch.tensor([wds[m // members_per_cell] for m in range(self.k)]), persistent=False)
         self._decays = any(w > 0 for w in wds)  # known on the host: no step asks the device
         layers: list[nn.Module] = []
@@ -178,9 +101,23 @@ class PopulationMLP(ClassifierModule):
             self.register_buffer(_best(name), param.detach().clone())
         self._backup: list[Tensor] = []
 
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> PopulationMLP:
+        """``.to()``, ``.half()``, ``.cuda()``…: ``wd`` and ``best_val_acc`` follow the device, never a dtype cast.
+
+        Under ``Trainer(precision="bf16-true")`` a bf16 ``best_val_acc`` (spacing 0.0039 near 0.85) would let a
+        worse epoch count as an improvement, and a bf16 weight decay 0.001 would be 0.000999451.
+        """
+        kept = {name: self.get_buffer(name) for name in ("wd", "best_val_acc")}
+        super()._apply(fn, recurse)
+        for name, old in kept.items():
+            new = self.get_buffer(name)
+            if new.dtype != old.dtype:
+                setattr(self, name, old.to(new.device))
+        return self
+
     def forward(self, x: Tensor) -> Tensor:
         """Images (B, 1, 28, 28) → logits (K, B, 10), one slice per member."""
-        flat = x.reshape(x.shape[0], -1).to(self.wd.dtype)
+        flat = x.reshape(x.shape[0], -1).to(self.net[0].weight.dtype)
         return self.net(flat.unsqueeze(0).expand(self.k, -1, -1))
 
     def member_losses(self, logits: Tensor, y: Tensor) -> Tensor:
@@ -192,7 +129,7 @@ class PopulationMLP(ClassifierModule):
         """Accumulate per-member correct counts (and loss sums) on the device: no host sync per step."""
         correct = (logits.argmax(dim=-1) == y).sum(dim=1).to(torch.float64)
         self._seen[stage] = self._seen.get(stage, 0) + y.numel()  # counted on the host: no host-to-device copy
-        parts = {"correct": correct} | ({} if losses is None else {"loss": losses.detach() * y.numel()})
+        parts = {"correct": correct} | ({} if losses is None else {"loss": losses.detach().double() * y.numel()})
         for key, value in parts.items():
             name = f"{stage}/{key}"
             self._sums[name] = self._sums[name] + value if name in self._sums else value.clone()
@@ -218,7 +155,7 @@ class PopulationMLP(ClassifierModule):
         from dropout_lab.study_report import mean_std
 
         cells = len(self.hparams.dropouts)
-        wds = self.wd.view(cells, -1)[:, 0].tolist()
+        wds = self.cell_wds
         rows = ["| cell | dropouts | weight decay | members | test acc % (mean ± std) |", "|---|---|---|---|---|"]
         for c, values in enumerate((acc.double() * 100).view(cells, -1).tolist()):
             mean, std = mean_std(values)
@@ -287,7 +224,7 @@ class PopulationMLP(ClassifierModule):
             return
         for param in self.parameters():
             if param.grad is not None:
-                param.grad.addcmul_(param, self.wd.view(-1, *[1] * (param.dim() - 1)).to(param.dtype))
+                param.grad.addcmul_(param, self.wd.view(-1, *[1] * (param.dim() - 1)))  # in float32, rounded once
 
     def on_train_epoch_end(self) -> None:
         """Log the population's mean training accuracy."""

@@ -16,7 +16,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from dropout_lab.cli import DropoutLabCLI
 from dropout_lab.models import DropoutMLP
-from dropout_lab.population import MemberDropout, PopulationMLP, StackedLinear
+from dropout_lab.population import PopulationMLP
+from dropout_lab.stacked import MemberDropout, StackedLinear
 
 ROOT = Path(__file__).resolve().parents[1]
 DROPOUTS = yaml.safe_load((ROOT / "configs" / "population_swap.yaml").read_text())["model"]["init_args"]["dropouts"]
@@ -172,3 +173,26 @@ def test_cell_table_reports_no_spread_for_a_single_member() -> None:
     assert [row.split("|")[5].strip() for row in one.splitlines()[2:]] == ["80.00 ± —", "70.00 ± —"]
     two = PopulationMLP((8,), [(0.5,)], members_per_cell=2).cell_table(torch.tensor([0.8, 0.7]))
     assert two.splitlines()[2].split("|")[5].strip() == f"75.00 ± {math.sqrt(50):.2f}"
+
+
+def test_a_half_precision_cast_keeps_weight_decay_and_best_accuracy_exact() -> None:
+    """``Trainer(precision="bf16-true")`` casts the module: weights go bf16, the bookkeeping stays float32."""
+    pop = PopulationMLP((8,), [(0.1,), (0.5,)], weight_decays=[1e-3], members_per_cell=1).to(torch.bfloat16)
+    assert pop.net[0].weight.dtype == torch.bfloat16
+    assert pop.wd.dtype == pop.best_val_acc.dtype == torch.float32
+    assert pop.wd.tolist() == [torch.tensor(1e-3).item()] * 2  # float32's 0.001, not bf16's 0.000999451
+    assert pop(torch.randn(4, 1, 28, 28, dtype=torch.bfloat16)).dtype == torch.bfloat16
+    pop._keep_best(torch.tensor([0.8561, 0.5]))
+    pop._keep_best(torch.tensor([0.8559, 0.5]))  # worse: in bf16 both would round to 0.85546875 and 0.8559 "beat" it
+    assert pop.best_val_acc.tolist() == pytest.approx([0.8561, 0.5], abs=1e-7)
+    assert "| 0.001 |" in pop.cell_table(torch.tensor([0.5, 0.5]))
+
+
+def test_loss_sums_accumulate_in_float64() -> None:
+    """An epoch's loss sum grows past 1e5; summed in bf16 (spacing 512 there) it would be off by whole percents."""
+    pop = PopulationMLP((8,), [(0.5,)], members_per_cell=2)
+    logits, y = torch.zeros(2, 256, 10), torch.zeros(256, dtype=torch.long)
+    losses = torch.tensor([2.015625, 0.30078125], dtype=torch.bfloat16)  # exact in bf16
+    for _ in range(235):  # one epoch of 60k images in batches of 256
+        pop._count("val", logits, y, losses)
+    assert pop._sums["val/loss"].tolist() == [235 * 256 * 2.015625, 235 * 256 * 0.30078125]

@@ -1,0 +1,94 @@
+"""The layers of a :class:`dropout_lab.population.PopulationMLP`: K members' weights and dropout, stacked.
+
+Both take and return (K, B, features) tensors, member k in slice k.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from dropout_lab.dropout import StochasticModule, keep_multiplier, uniform_like
+from dropout_lab.types import check_probability
+
+__all__ = ["MemberDropout", "StackedLinear"]
+
+
+class StackedLinear(nn.Module):
+    """K independent linear layers applied to K stacked inputs (K, B, in) → (K, B, out) with one ``baddbmm``.
+
+    Each member is initialized like ``nn.Linear`` (uniform ±1/√in for weight and bias), from its own generator.
+
+    Args:
+        members: K.
+        in_features: input width.
+        out_features: output width.
+        seeds: one initialization seed per member.
+    """
+
+    def __init__(self, members: int, in_features: int, out_features: int, seeds: Sequence[int]) -> None:
+        super().__init__()
+        bound = 1.0 / math.sqrt(in_features)
+        weight, bias = torch.empty(members, in_features, out_features), torch.empty(members, 1, out_features)
+        for k, seed in enumerate(seeds):
+            g = torch.Generator().manual_seed(int(seed))
+            weight[k].uniform_(-bound, bound, generator=g)
+            bias[k].uniform_(-bound, bound, generator=g)
+        self.weight, self.bias = nn.Parameter(weight), nn.Parameter(bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(K, B, in) → (K, B, out)."""
+        return torch.baddbmm(self.bias, x, self.weight)
+
+    def load_linear(self, k: int, linear: nn.Linear) -> None:
+        """Copy an ``nn.Linear``'s weights into member ``k``."""
+        with torch.no_grad():
+            self.weight[k].copy_(linear.weight.T)
+            self.bias[k, 0].copy_(linear.bias)
+
+
+class MemberDropout(StochasticModule):
+    """Inverted dropout with one probability per member: input (K, B, F), ``p`` a (K,) buffer.
+
+    Args:
+        p: drop probability of each member (0 ≤ p < 1).
+    """
+
+    _repr_fields = ("p_list",)
+
+    def __init__(self, p: Sequence[float]) -> None:
+        super().__init__()
+        for value in p:
+            check_probability(value, "dropouts")
+        self.p = max(float(v) for v in p)  # the family's scalar p: > 0 iff any member drops
+        self.p_list = [float(v) for v in p]
+        self.register_buffer("probs", torch.empty(0), persistent=False)
+        self.register_buffer("scales", torch.empty(0), persistent=False)
+        self._set_buffers(torch.float32, None)
+
+    def _set_buffers(self, dtype: torch.dtype, device: torch.device | None) -> None:
+        """``probs`` and ``scales = 1 / (1 − p)`` from the exact floats, in the masks' dtype (float32 or float64)."""
+        probs = torch.tensor(self.p_list, dtype=torch.float64)
+        self.probs = probs.to(dtype=dtype, device=device)
+        self.scales = (1.0 / (1.0 - probs)).to(dtype=dtype, device=device)  # correctly rounded
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> MemberDropout:
+        """``.to()``, ``.half()``, ``.cuda()``…: buffers follow the device; not a half dtype (bf16-true, 16-true).
+
+        The masks are drawn in float32 (float64 for float64 input), so ``p`` and its scale stay in that dtype: a
+        bf16 p = 0.1 would drop 0.10009765625 of the units and scale them by 1.109375 instead of 1.111….
+        """
+        super()._apply(fn, recurse)
+        self._set_buffers(torch.float64 if self.probs.dtype == torch.float64 else torch.float32, self.probs.device)
+        return self
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Each member's activations dropped with its own p and scaled by 1 / (1 − p)."""
+        if not self.stochastic:
+            return x
+        shape = (-1, *([1] * (x.dim() - 1)))
+        keep = keep_multiplier(uniform_like(x), self.probs.view(shape), True, self.scales.view(shape))
+        return (x * keep).to(x.dtype)
