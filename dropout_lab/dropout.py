@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from dropout_lab.types import check_probability
 
 __all__ = [
+    "HALF_DTYPES",
     "ChannelDropout",
     "Dropout",
     "Dropout2d",
@@ -82,6 +83,9 @@ def set_mc(module: nn.Module, enabled: bool) -> list[StochasticModule]:
 
 
 # ---------------------------------------------------------------------------------------------- dropout
+HALF_DTYPES = (torch.bfloat16, torch.float16)  # input dtypes whose masks are drawn and scaled in float32
+
+
 def mask_dtype(t: Tensor) -> torch.dtype:
     """The dtype of the uniform draws behind a keep mask for ``t``: its own if float32/float64, else float32.
 
@@ -192,7 +196,10 @@ class Dropout(_DropModule):
 
     With ``uniform_masks = True`` (set by the callback :class:`dropout_lab.speed.UniformDropoutMasks`) it runs
     the kernel of :func:`scratch_dropout` instead: the same inverted dropout with a mask drawn as
-    ``uniform > p``, which is cheaper than PyTorch's ``bernoulli_`` on the CPU.
+    ``uniform > p``, which is cheaper than PyTorch's ``bernoulli_`` on the CPU. It also does so for bf16 and
+    fp16 input off CUDA (bf16 autocast on the CPU, as in ``lenet_best.yaml``): PyTorch's CPU kernel rounds the
+    scale 1/(1 − p) to the input's dtype (1.0546875 for p = 0.05 in bf16, 0.18 % high); the uniform kernel keeps
+    it in float32. CUDA's fused kernel scales in float32 and is kept there.
 
     Args:
         p: probability of zeroing each element (0 <= p < 1).
@@ -204,11 +211,17 @@ class Dropout(_DropModule):
         """``F.dropout(x, p)`` (or the uniform-mask kernel) when stochastic, also in eval with ``mc``; else ``x``."""
         if not self.stochastic:
             return x
-        return _ScratchDropoutFunction.apply(x, self.p) if self.uniform_masks else F.dropout(x, self.p, training=True)
+        if self.uniform_masks or (x.dtype in HALF_DTYPES and not x.is_cuda):
+            return _ScratchDropoutFunction.apply(x, self.p)
+        return F.dropout(x, self.p, training=True)
 
 
 class Dropout2d(_DropModule):
     """Channel-wise dropout through ``F.dropout2d`` for inputs of shape (N, C, H, W).
+
+    bf16 and fp16 input goes through :func:`channel_dropout` instead (same Bernoulli per channel and scale):
+    ``F.dropout2d`` builds its noise in the input's dtype on every device, which rounds 1/(1 − p) (1.0546875 for
+    p = 0.05 in bf16); :func:`channel_dropout` keeps the scale in float32.
 
     Args:
         p: probability of zeroing each whole channel (0 <= p < 1).
@@ -216,7 +229,9 @@ class Dropout2d(_DropModule):
 
     def forward(self, x: Tensor) -> Tensor:
         """``F.dropout2d(x, p)`` when stochastic (also in eval with ``mc``), else ``x``."""
-        return F.dropout2d(x, self.p, training=True) if self.stochastic else x
+        if not self.stochastic:
+            return x
+        return channel_dropout(x, self.p) if x.dtype in HALF_DTYPES else F.dropout2d(x, self.p, training=True)
 
 
 class ChannelDropout(_DropModule):

@@ -535,3 +535,24 @@ def test_cuda_noise_is_drawn_on_device_without_host_syncs(spec: Spec) -> None:
     assert out.dtype == out_mc.dtype == dtype
     if isinstance(m, DropConnectLinear):
         assert m.last_mask is not None and m.last_mask.device == x.device
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("layer", [Dropout, Dropout2d], ids=["Dropout", "Dropout2d"])
+def test_kept_units_are_scaled_by_the_exact_inverse_keep_rate(layer: type[nn.Module], dtype: torch.dtype) -> None:
+    """Each kept unit is ``x`` times the float32 ``1 / (1 − p)``, rounded to ``x``'s dtype; the drop rate is ``p``.
+
+    PyTorch's CPU ``F.dropout`` and ``F.dropout2d`` round the scale itself to a half input's dtype first
+    (1.0546875 for p = 0.05 in bf16: every kept unit 0.18 % high); the layers keep it in float32.
+    """
+    torch.manual_seed(0)
+    for p in (0.05, 0.1, 0.3, 0.5):
+        x = (torch.rand(256, 64, 8, 8) + 0.5).to(dtype)  # 256 × 64 channels, 1M elements in [0.5, 1.5)
+        out = layer(p).train()(x)
+        assert out.dtype == dtype
+        kept = out != 0
+        scale = torch.tensor(1.0 / (1.0 - p), dtype=torch.float32)  # the float32 scale, as for float32 input
+        assert torch.equal(out[kept], (x[kept].float() * scale).to(dtype)), p
+        n = x.numel() if layer is Dropout else 256 * 64  # independent draws: elements, or channels
+        dropped = 1.0 - kept.sum().item() / x.numel()
+        assert abs(dropped - p) <= 4 * math.sqrt(p * (1 - p) / n), (p, dropped)
