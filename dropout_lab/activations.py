@@ -87,7 +87,12 @@ class RandomizedLeakyReLU(StochasticModule):
         return self.upper > self.lower
 
     def forward(self, x: Tensor) -> Tensor:
-        """Random slopes for x < 0 when stochastic, else the mean slope (lower + upper) / 2."""
+        """Random slopes for x < 0 when stochastic, else the mean slope (lower + upper) / 2.
+
+        fp16 on the CPU runs in float32 (PyTorch has no fp16 CPU ``rrelu`` kernel) and rounds back once.
+        """
+        if x.dtype == torch.float16 and not x.is_cuda:
+            return F.rrelu(x.float(), self.lower, self.upper, training=self.stochastic).to(x.dtype)
         return F.rrelu(x, self.lower, self.upper, training=self.stochastic)
 
 

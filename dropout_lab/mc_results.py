@@ -49,24 +49,28 @@ class MCResult:
 def summarize_logits(logits: Tensor, return_samples: bool = False) -> MCResult:
     """Summaries of stacked pass logits (T, N, C), computed directly from the samples (float64 inside).
 
+    Summaries come back in the logits' dtype, but at least float32: bf16 mean probabilities would not sum to 1
+    within 0.003 and would tie argmaxes.
+
     Args:
         logits: the logits of T passes over N inputs.
         return_samples: keep ``probs`` and ``logits`` (T, N, C) in the result.
     """
+    out = torch.promote_types(logits.dtype, torch.float32)  # summaries: never rounded to a half type
     lp = logits.double().log_softmax(dim=-1)
     probs = lp.exp()
     mean_probs = probs.mean(0)
     predictive = entropy(mean_probs)
     expected = -(probs * lp).sum(-1).mean(0)
     return MCResult(
-        mean_probs=mean_probs.to(logits.dtype),
-        mean_logits=logits.mean(0),
-        predictive_entropy=predictive.to(logits.dtype),
-        expected_entropy=expected.to(logits.dtype),
-        mutual_information=(predictive - expected).clamp_min(0).to(logits.dtype),
-        variance=probs.var(0, correction=0).to(logits.dtype),
+        mean_probs=mean_probs.to(out),
+        mean_logits=logits.double().mean(0).to(out),
+        predictive_entropy=predictive.to(out),
+        expected_entropy=expected.to(out),
+        mutual_information=(predictive - expected).clamp_min(0).to(out),
+        variance=probs.var(0, correction=0).to(out),
         T=logits.shape[0],
-        probs=probs.to(logits.dtype) if return_samples else None,
+        probs=probs.to(out) if return_samples else None,
         logits=logits if return_samples else None,
     )
 
@@ -90,7 +94,7 @@ class _Accumulator:
         """Add the block ``logits`` (k passes, n inputs, C) for passes ``t0:t0+k`` of inputs ``n0:n0+n``."""
         k, rows, classes = logits.shape
         if self.sums is None:
-            self.dtype = logits.dtype
+            self.dtype = torch.promote_types(logits.dtype, torch.float32)  # summaries: never rounded to a half type
             self.sums = torch.zeros(self.n, 3 * classes + 1, device=logits.device, dtype=torch.float64)
             if self.total_passes is not None:
                 self.samples = logits.new_empty((self.total_passes, self.n, classes))
@@ -128,6 +132,6 @@ class _Accumulator:
             mutual_information=(predictive - expected).clamp_min(0).to(self.dtype),
             variance=(mean_p2 - mean_probs.square()).clamp_min(0).to(self.dtype),
             T=T,
-            probs=None if logits is None else logits.softmax(dim=-1),
+            probs=None if logits is None else logits.to(self.dtype).softmax(dim=-1),
             logits=logits,
         )

@@ -73,8 +73,8 @@ def rotated_image_experiment(
         images=images,
         classes=classes.tolist(),
         class_names=[class_names[c] if c < len(class_names) else str(c) for c in classes.tolist()],
-        logits=result.logits[..., classes].cpu(),
-        probs=result.probs[..., classes].cpu(),
+        logits=result.logits[..., classes].float().cpu(),  # float32 for plots also from a bf16 or fp64 net
+        probs=result.probs[..., classes].float().cpu(),
         mean_probs=result.mean_probs.cpu(),
         predictive_entropy=result.predictive_entropy.cpu(),
         mutual_information=result.mutual_information.cpu(),

@@ -107,17 +107,22 @@ class LabTrainer(L.Trainer):
         rows: dict[str, dict[str, float]],
         folder: Path,
     ) -> None:
-        """Summaries against T on the test split (the weights loaded by the preceding ``predict``)."""
+        """Summaries against T on the test split (the weights loaded by the preceding ``predict``).
+
+        Under the Trainer's precision, as ``predict`` ran: inputs cast (``bf16-true``, ``64-true``…) and autocast
+        on (``bf16-mixed``).
+        """
         assert datamodule is not None
         images, labels = [], []
         for x, y in datamodule.test_dataloader():
             images.append(x)
             labels.append(y)
-        x, y = torch.cat(images), torch.cat(labels)
+        x, y = self.precision_plugin.convert_input(torch.cat(images)), torch.cat(labels)
         ts = sorted({t for t in (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000) if t <= samples} | {samples})
-        curve = summaries_vs_T(
-            model, x, y, Ts=ts, repeats=repeats, share_prefix=getattr(model, "mc_share_prefix", True)
-        )
+        with self.precision_plugin.forward_context():
+            curve = summaries_vs_T(
+                model, x, y, Ts=ts, repeats=repeats, share_prefix=getattr(model, "mc_share_prefix", True)
+            )
         deterministic = next(iter(rows.values()))
         plot_summaries_vs_T(curve, deterministic).savefig(folder / "mc_vs_T.png", dpi=120)
         table = {f"T={int(r['T'])}": {k: r[k] for k in r if k != "T"} for r in curve}
@@ -165,7 +170,9 @@ class LabTrainer(L.Trainer):
         image = images[chosen[index]].to(torch.float32).div(255.0).unsqueeze(0)
         mean, std = getattr(datamodule, "mean", 0.0), getattr(datamodule, "std", 1.0)
         image = (image - mean) / std  # the loader's preprocessing
-        result = rotated_image_experiment(model.to(self.strategy.root_device), image, T=samples)
+        model = self.precision_plugin.convert_module(model).to(self.strategy.root_device)  # as predict would
+        with self.precision_plugin.forward_context():
+            result = rotated_image_experiment(model, image, T=samples)
         folder = self._output_dir(output_dir, ckpt_path)
         plot_rotated(result).savefig(folder / "rotated.png", dpi=120)
         table = rotated_table(result, FASHION_MNIST_CLASSES)

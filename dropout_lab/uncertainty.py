@@ -106,8 +106,11 @@ def _check_passes(T: int) -> int:
 
 
 def _on_module_device(module: nn.Module, x: Tensor) -> Tensor:
+    """``x`` on the module's device, and floating ``x`` in its weights' dtype (a ``bf16-true`` or ``64-true`` net)."""
     param = next(module.parameters(), None)
-    return x if param is None else x.to(param.device)
+    if param is None:
+        return x
+    return x.to(param.device, param.dtype if x.is_floating_point() and param.is_floating_point() else None)
 
 
 def _rows_per_forward(module: nn.Module, x: Tensor, memory_budget: int, max_rows: int | None) -> int:

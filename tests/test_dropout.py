@@ -556,3 +556,18 @@ def test_kept_units_are_scaled_by_the_exact_inverse_keep_rate(layer: type[nn.Mod
         n = x.numel() if layer is Dropout else 256 * 64  # independent draws: elements, or channels
         dropped = 1.0 - kept.sum().item() / x.numel()
         assert abs(dropped - p) <= 4 * math.sqrt(p * (1 - p) / n), (p, dropped)
+
+
+def test_rrelu_runs_in_fp16_on_the_cpu() -> None:
+    """PyTorch has no fp16 CPU ``rrelu``: the layer computes in float32 and returns fp16, slopes in range."""
+    torch.manual_seed(0)
+    layer = RandomizedLeakyReLU(1 / 8, 1 / 3)
+    x = (-torch.rand(64, 256) - 0.5).half().requires_grad_()  # all negative: every unit gets a random slope
+    out = layer.train()(x)
+    out.float().sum().backward()
+    assert out.dtype == x.grad.dtype == torch.float16
+    slopes = out.detach().float() / x.detach().float()
+    assert slopes.min() >= 1 / 8 - 1e-3 and slopes.max() <= 1 / 3 + 1e-3
+    assert abs(slopes.mean().item() - (1 / 8 + 1 / 3) / 2) < 4 * (1 / 3 - 1 / 8) / math.sqrt(12 * slopes.numel())
+    evaluated = layer.eval()(x.detach())
+    assert torch.equal(evaluated, (x.detach().float() * ((1 / 8 + 1 / 3) / 2)).half())

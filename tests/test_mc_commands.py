@@ -85,3 +85,39 @@ def test_share_prefix_false_runs_whole_passes(
     monkeypatch.setattr(mc_passes, "first_noise_layer", lambda *a: calls.append(1) or None)
     DropoutLabCLI(args=["true" if a == "false" else a for a in args])
     assert calls
+
+
+@pytest.mark.parametrize(
+    ("precision", "dtype", "autocast"),
+    [("bf16-true", torch.bfloat16, False), ("64-true", torch.float64, False), ("bf16-mixed", torch.float32, True)],
+)
+def test_mc_curve_and_rotated_run_under_the_trainer_precision(
+    precision: str, dtype: torch.dtype, autocast: bool, checkpoint: Path, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """The T curve and the rotated experiment run their MC passes as ``predict`` does: cast weights, autocast.
+
+    ``mc --curve_repeats`` once fed float32 images to a bf16-true or 64-true net (a dtype error), and ``rotated``
+    ran every precision in float32 without autocast.
+    """
+    from dropout_lab import trainer
+
+    seen: dict[str, tuple[torch.dtype, bool]] = {}
+
+    def spy(name: str, run):
+        def wrapped(model, *args, **kwargs):
+            seen[name] = (next(model.parameters()).dtype, torch.is_autocast_enabled("cpu"))
+            return run(model, *args, **kwargs)
+
+        return wrapped
+
+    monkeypatch.setattr(trainer, "summaries_vs_T", spy("curve", trainer.summaries_vs_T))
+    monkeypatch.setattr(trainer, "rotated_image_experiment", spy("rotated", trainer.rotated_image_experiment))
+    common = [*_common(tmp_path), "--ckpt_path", str(checkpoint), "--trainer.precision", precision, "--samples", "4"]
+    DropoutLabCLI(args=["mc", *common, "--curve_repeats", "2", "--output_dir", str(tmp_path / "mc")])
+    DropoutLabCLI(args=["rotated", *common, "--output_dir", str(tmp_path / "rot")])
+    assert seen == {"curve": (dtype, autocast), "rotated": (dtype, autocast)}
+    assert "T=4 " in (tmp_path / "mc" / "mc_vs_T.md").read_text()
+    assert (tmp_path / "rot" / "rotated.md").read_text().count("\n| ") >= 12
+    saved = torch.load(tmp_path / "mc" / "mc_predictions.pt", weights_only=True)
+    assert saved["mc_probs"].dtype == torch.promote_types(dtype, torch.float32)  # summaries: at least float32
