@@ -228,7 +228,7 @@ class Dropout2d(_DropModule):
     """
 
     def forward(self, x: Tensor) -> Tensor:
-        """``F.dropout2d(x, p)`` when stochastic (also in eval with ``mc``), else ``x``."""
+        """``F.dropout2d(x, p)`` (:func:`channel_dropout` for bf16/fp16) when stochastic, also in eval with ``mc``."""
         if not self.stochastic:
             return x
         return channel_dropout(x, self.p) if x.dtype in HALF_DTYPES else F.dropout2d(x, self.p, training=True)

@@ -215,7 +215,8 @@ class LeNet(ClassifierModule):
         dense_dropout: dropout probability after the hidden dense layer (0 ≤ p < 1).
         channels: output channels of the two conv layers.
         hidden: width of the hidden dense layer.
-        scratch_channel_dropout: use the scratch channel-wise dropout instead of ``nn.Dropout2d``'s kernel.
+        scratch_channel_dropout: use the scratch channel-wise dropout instead of ``nn.Dropout2d``'s kernel (for
+            bf16/fp16 activations, e.g. under bf16 autocast, ``Dropout2d`` runs the scratch kernel too).
         channels_last: keep conv weights and activations in channels-last (NHWC) memory: the same math, a
             different layout; 1.44× faster training steps on this x86 CPU (oneDNN), see the README.
         optimizer: optimizer factory (e.g. ``torch.optim.SGD`` with ``lr``); null = SGD with lr 0.1.

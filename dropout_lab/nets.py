@@ -115,7 +115,8 @@ def lenet(
         dense_dropout: dropout probability after the hidden dense layer.
         channels: output channels of the two conv layers (20, 50 in the classic net: dense input 50·7·7 = 2450).
         hidden: width of the hidden dense layer (500).
-        scratch: use the scratch ``ChannelDropout`` instead of PyTorch's ``Dropout2d`` kernel.
+        scratch: use the scratch ``ChannelDropout`` instead of PyTorch's ``Dropout2d`` kernel (the same for
+            bf16/fp16 activations, where ``Dropout2d`` runs the scratch kernel too).
     """
     channel_cls = ChannelDropout if scratch else Dropout2d
     c1, c2 = channels

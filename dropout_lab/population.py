@@ -81,7 +81,11 @@ class PopulationMLP(ClassifierModule):
         member_p = [dropouts[m // members_per_cell] for m in range(self.k)]
         self.cell_wds = [float(w) for w in weight_decays] * (cells if len(weight_decays) == 1 else 1)
         wds = self.cell_wds
-        self.register_buffer("wd", torch.tensor([wds[m // members_per_cell] for m in range(self.k)]), persistent=False)
+        self.register_buffer(
+            "wd",
+            torch.tensor([wds[m // members_per_cell] for m in range(self.k)], dtype=torch.float32),
+            persistent=False,
+        )
         self._decays = any(w > 0 for w in wds)  # known on the host: no step asks the device
         layers: list[nn.Module] = []
         width = NUM_INPUTS
@@ -96,7 +100,7 @@ class PopulationMLP(ClassifierModule):
         self._sums: dict[str, Tensor] = {}
         self._seen: dict[str, int] = {}  # images counted per stage since its last epoch end
         self.test_weights = test_weights
-        self.register_buffer("best_val_acc", torch.full((self.k,), -1.0))
+        self.register_buffer("best_val_acc", torch.full((self.k,), -1.0, dtype=torch.float32))
         for name, param in self.named_parameters():
             self.register_buffer(_best(name), param.detach().clone())
         self._backup: list[Tensor] = []

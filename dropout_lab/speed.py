@@ -78,7 +78,8 @@ class UniformDropoutMasks(Callback):
     default draw by draw but not in distribution. It acts from setup to teardown of every stage the Trainer
     runs (``fit``, ``validate``, ``test``, ``predict``, so the ``mc`` subcommand's predictions too; its T curve,
     computed after the Trainer's ``predict``, and ``rotated`` run outside them) and restores the layers afterwards, also
-    after a failed run. Channel dropout (``Dropout2d``) draws one number per channel and is left alone.
+    after a failed run. Channel dropout (``Dropout2d``) draws one number per channel and is left alone. bf16/fp16
+    activations on the CPU (bf16 autocast) take the uniform kernel anyway, so there the callback changes nothing.
 
     Args:
         cpu_only: act only when the Trainer runs on the CPU; on a GPU, PyTorch's dropout is one fused kernel

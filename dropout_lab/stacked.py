@@ -81,8 +81,11 @@ class MemberDropout(StochasticModule):
         The masks are drawn in float32 (float64 for float64 input), so ``p`` and its scale stay in that dtype: a
         bf16 p = 0.1 would drop 0.10009765625 of the units and scale them by 1.109375 instead of 1.111….
         """
+        before = (self.probs.dtype, self.probs.device)
         super()._apply(fn, recurse)
-        self._set_buffers(torch.float64 if self.probs.dtype == torch.float64 else torch.float32, self.probs.device)
+        if (self.probs.dtype, self.probs.device) != before:  # a no-op .to() keeps the same tensors (CUDA graphs)
+            dtype = torch.float64 if self.probs.dtype == torch.float64 else torch.float32
+            self._set_buffers(dtype, self.probs.device)  # also refills them after meta → to_empty
         return self
 
     def forward(self, x: Tensor) -> Tensor:

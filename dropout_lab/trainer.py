@@ -119,6 +119,7 @@ class LabTrainer(L.Trainer):
             labels.append(y)
         x, y = self.precision_plugin.convert_input(torch.cat(images)), torch.cat(labels)
         ts = sorted({t for t in (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000) if t <= samples} | {samples})
+        model = model.to(self.strategy.root_device)  # predict's teardown left it on the CPU
         with self.precision_plugin.forward_context():
             curve = summaries_vs_T(
                 model, x, y, Ts=ts, repeats=repeats, share_prefix=getattr(model, "mc_share_prefix", True)
