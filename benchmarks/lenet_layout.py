@@ -1,12 +1,13 @@
 """LeNet training-step time by memory layout and precision, and the cost of batch augmentation, side by side.
 
 One step = forward, cross-entropy, backward and an Adam update of ``dropout_lab.models.LeNet`` (20/50 channels,
-dense 500, its default dropout) on a batch of 256 random 28×28 images, four ways: fp32 with the default
-(contiguous, NCHW) layout, fp32 with ``channels_last=True`` (NHWC), and each of those under bf16 autocast (what
-``--trainer.precision bf16-mixed`` does). The variants run interleaved for ``--rounds`` rounds of ``--steps``
-steps after a warm-up; the table shows the median ms per step, the ratio to fp32/contiguous and the implied
-seconds per 55k-image epoch. A last line times ``data.hflip`` + ``data.max_shift 2`` on a batch of 256 uint8
-images on the same device.
+dense 500, its default dropout) on a batch of 256 random 28×28 images, five ways: fp32 with the default (contiguous,
+NCHW) layout, fp32 with ``channels_last=True`` (NHWC), and each of those under bf16 autocast (what
+``--trainer.precision bf16-mixed`` does); a fifth runs bf16/channels_last with PyTorch's own half-precision dropout
+kernels, which round the scale 1/(1 − p) to bf16 (the project's layers avoid them; this prices that). The variants
+run interleaved for ``--rounds`` rounds of ``--steps`` steps after a warm-up; the table shows the median ms per
+step, the ratio to fp32/contiguous and the implied seconds per 55k-image epoch. A last line times ``data.hflip`` +
+``data.max_shift 2`` on a batch of 256 uint8 images on the same device.
 
 Usage:
     python benchmarks/lenet_layout.py [--rounds 5] [--steps 10] [--device auto] [--threads N]
@@ -26,6 +27,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import dropout_lab.dropout as dropout_module  # noqa: E402
 from benchmarks.speed import add_device_args, chosen_device, device_name  # noqa: E402
 from dropout_lab.augment import BatchAugment  # noqa: E402
 from dropout_lab.models import LeNet  # noqa: E402
@@ -38,8 +40,11 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def make_step(channels_last: bool, bf16: bool, device: torch.device):
-    """A closure doing one training step of a fresh LeNet with the given layout and precision."""
+def make_step(channels_last: bool, bf16: bool, device: torch.device, torch_half_kernels: bool = False):
+    """A closure doing one training step of a fresh LeNet with the given layout and precision.
+
+    ``torch_half_kernels``: ``Dropout``/``Dropout2d`` call ``F.dropout``/``F.dropout2d`` also for bf16 input.
+    """
     torch.manual_seed(0)
     model = LeNet(channels_last=channels_last).to(device).train()
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -47,11 +52,16 @@ def make_step(channels_last: bool, bf16: bool, device: torch.device):
     y = torch.randint(0, 10, (BATCH,), device=device)
 
     def step() -> None:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss = F.cross_entropy(model(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        saved = dropout_module.HALF_DTYPES
+        dropout_module.HALF_DTYPES = () if torch_half_kernels else saved  # read by the layers at each call
+        try:
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                loss = F.cross_entropy(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        finally:
+            dropout_module.HALF_DTYPES = saved
 
     return step
 
@@ -67,7 +77,7 @@ def time_steps(step, steps: int, device: torch.device) -> float:
 
 
 def main() -> None:
-    """Time the four variants interleaved and print the table."""
+    """Time the five variants interleaved and print the table."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds; the median is reported")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per variant and round")
@@ -79,8 +89,9 @@ def main() -> None:
         "fp32, channels_last": (True, False),
         "bf16 autocast, contiguous": (False, True),
         "bf16 autocast, channels_last": (True, True),
+        "bf16 autocast, channels_last, PyTorch's bf16 dropout kernels (rounded scale)": (True, True, True),
     }
-    steps = {name: make_step(*flags, device) for name, flags in variants.items()}
+    steps = {name: make_step(*flags[:2], device, *flags[2:]) for name, flags in variants.items()}
     for step in steps.values():  # warm-up: allocator, oneDNN/cuDNN kernel choice
         time_steps(step, 3, device)
     times: dict[str, list[float]] = {name: [] for name in variants}

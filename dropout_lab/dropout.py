@@ -27,6 +27,7 @@ __all__ = [
     "GaussianDropout",
     "ScratchDropout",
     "StochasticModule",
+    "apply_mask",
     "channel_dropout",
     "check_probability",
     "gaussian_dropout",
@@ -122,6 +123,17 @@ def keep_multiplier(
     return keep.mul_(scale)
 
 
+def apply_mask(x: Tensor, mask: Tensor) -> Tensor:
+    """``x * mask`` (a float32/float64 keep multiplier that broadcasts to ``x``), rounded once to ``x``'s dtype.
+
+    For bf16/fp16 ``x`` the product is formed in the mask's dtype: ``x`` is cast up, multiplied in place and cast
+    back, bit for bit ``(x * mask).to(x.dtype)`` but without PyTorch's slower mixed-dtype broadcast multiply.
+    """
+    if x.dtype == mask.dtype:
+        return x * mask
+    return x.to(mask.dtype).mul_(mask).to(x.dtype)
+
+
 class _ScratchDropoutFunction(torch.autograd.Function):
     """Inverted dropout with an explicit backward that reuses the forward's keep mask (stored scaled)."""
 
@@ -129,12 +141,12 @@ class _ScratchDropoutFunction(torch.autograd.Function):
     def forward(ctx, x: Tensor, p: float) -> Tensor:
         mask = keep_multiplier(uniform_like(x), p)  # uniform keep mask: P(keep) = 1 - p
         ctx.save_for_backward(mask)
-        return (x * mask).to(x.dtype)
+        return apply_mask(x, mask)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
         (mask,) = ctx.saved_tensors
-        return (grad * mask).to(grad.dtype), None
+        return apply_mask(grad, mask), None
 
 
 def scratch_dropout(x: Tensor, p: float, training: bool = True) -> Tensor:
@@ -156,7 +168,7 @@ def channel_dropout(x: Tensor, p: float, training: bool = True) -> Tensor:
     if not training or p == 0:
         return x
     u = torch.rand(x.shape[:2] + (1,) * (x.dim() - 2), device=x.device, dtype=mask_dtype(x))
-    return (x * keep_multiplier(u, p)).to(x.dtype)
+    return apply_mask(x, keep_multiplier(u, p))
 
 
 def gaussian_dropout(x: Tensor, p: float, training: bool = True) -> Tensor:

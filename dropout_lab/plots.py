@@ -227,7 +227,7 @@ def plot_study_bars(accs: Mapping[str, Sequence[float]], pvalues: Sequence[float
         ax.set_ylim(low - 0.3 * (high - low + 0.5), high + 0.25 * (high - low + 0.5))
     ax.set_xticks(range(len(values)), list(accs), rotation=30, ha="right", fontsize="small")
     ax.set_ylabel("test accuracy %")
-    ax.set_title(f"{title}; orange = baseline, * = p < {alpha} vs baseline (Welch)", fontsize="medium")
+    ax.set_title(f"{title}\norange = baseline, * = p < {alpha} vs baseline (Welch)", fontsize="medium")
     ax.grid(True, axis="y", alpha=0.3)
     return fig
 

@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from dropout_lab.dropout import StochasticModule, keep_multiplier, uniform_like
+from dropout_lab.dropout import StochasticModule, apply_mask, keep_multiplier, uniform_like
 from dropout_lab.types import check_probability
 
 __all__ = ["MemberDropout", "StackedLinear"]
@@ -94,4 +94,4 @@ class MemberDropout(StochasticModule):
             return x
         shape = (-1, *([1] * (x.dim() - 1)))
         keep = keep_multiplier(uniform_like(x), self.probs.view(shape), True, self.scales.view(shape))
-        return (x * keep).to(x.dtype)
+        return apply_mask(x, keep)
