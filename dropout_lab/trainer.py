@@ -109,15 +109,15 @@ class LabTrainer(L.Trainer):
     ) -> None:
         """Summaries against T on the test split (the weights loaded by the preceding ``predict``).
 
-        Under the Trainer's precision, as ``predict`` ran: inputs cast (``bf16-true``, ``64-true``…) and autocast
-        on (``bf16-mixed``).
+        Under the Trainer's precision, as ``predict`` ran: the net as ``predict`` cast it (``bf16-true``,
+        ``64-true``…) on the Trainer's device, autocast on (``bf16-mixed``).
         """
         assert datamodule is not None
         images, labels = [], []
         for x, y in datamodule.test_dataloader():
             images.append(x)
             labels.append(y)
-        x, y = self.precision_plugin.convert_input(torch.cat(images)), torch.cat(labels)
+        x, y = torch.cat(images), torch.cat(labels)  # mc_predict casts x to the net's device and dtype
         ts = sorted({t for t in (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000) if t <= samples} | {samples})
         model = model.to(self.strategy.root_device)  # predict's teardown left it on the CPU
         with self.precision_plugin.forward_context():
