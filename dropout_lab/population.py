@@ -37,7 +37,8 @@ class PopulationMLP(ClassifierModule):
     """``cells × members_per_cell`` dropout MLPs (the d2l architecture) trained together as one module.
 
     Logs the population means ``train/loss``, ``train/acc``, ``val/acc``, ``test/acc`` and, per member,
-    ``val/acc/<member>`` and ``test/acc/<member>`` with member names ``c<cell>s<seed>``. After a test it prints
+    ``train/acc/<member>``, ``val/acc/<member>``, ``val/loss/<member>``, ``test/acc/<member>`` and
+    ``test/loss/<member>``, with member names ``c<cell>s<j>`` (member j of cell c). After a test it prints
     each cell's mean ± std test accuracy and writes that table to ``<log_dir>/test_cells.md``. A ``ClassifierModule``
     for the CLI's sake, with its own steps (``mc`` and ``predict`` are not supported).
 
@@ -48,6 +49,9 @@ class PopulationMLP(ClassifierModule):
             ``torch.optim.SGD(weight_decay=wd)`` does); one value applies to every cell.
         members_per_cell: members (seeds) per cell.
         init_seed: member ``m`` (cells first, then seeds) is initialized from seed ``init_seed + m``.
+        init_seeds: instead of ``init_seed``, one seed per member of a cell (``members_per_cell`` of them): member
+            ``c<cell>s<j>`` of every cell is initialized from ``init_seeds[j]``, as a study's run of seed
+            ``init_seeds[j]`` starts every cell from the same weights (``study --population`` passes its seeds).
         test_weights: ``best``: each member is tested with its own weights of its best ``val/acc/<member>``
             epoch (kept in the module's state, so also in every checkpoint), as a separate run would test its
             best checkpoint; ``current``: the weights as they are.
@@ -65,6 +69,7 @@ class PopulationMLP(ClassifierModule):
         weight_decays: Sequence[NonNegativeFloat] = (0.0,),
         members_per_cell: PositiveInt = 3,
         init_seed: int = 0,
+        init_seeds: Sequence[int] | None = None,
         test_weights: Literal["best", "current"] = "best",
         optimizer: OptimizerCallable | None = None,
         micro_batch_size: PositiveInt | None = None,
@@ -75,6 +80,10 @@ class PopulationMLP(ClassifierModule):
             raise ValueError(f"model.dropouts: every cell needs {len(hidden_sizes)} probabilities, got {dropouts}")
         if len(weight_decays) not in (1, cells):
             raise ValueError(f"model.weight_decays: give 1 value or one per cell ({cells}), got {weight_decays}")
+        if init_seeds is not None and len(init_seeds) != members_per_cell:
+            raise ValueError(
+                f"model.init_seeds: give one seed per member of a cell ({members_per_cell}), got {list(init_seeds)}"
+            )
         self.save_hyperparameters(ignore=["optimizer"])
         self.k = cells * members_per_cell
         self.names = [f"c{c}s{s}" for c in range(cells) for s in range(members_per_cell)]
@@ -87,14 +96,18 @@ class PopulationMLP(ClassifierModule):
             persistent=False,
         )
         self._decays = any(w > 0 for w in wds)  # known on the host: no step asks the device
+        if init_seeds is None:
+            member_seeds = [init_seed + m for m in range(self.k)]
+        else:
+            member_seeds = [int(init_seeds[m % members_per_cell]) for m in range(self.k)]
         layers: list[nn.Module] = []
         width = NUM_INPUTS
         for i, size in enumerate(hidden_sizes):
-            seeds = [init_seed + m + 1000 * i for m in range(self.k)]
+            seeds = [seed + 1000 * i for seed in member_seeds]
             layers += [StackedLinear(self.k, width, size, seeds), nn.ReLU(), MemberDropout([p[i] for p in member_p])]
             width = size
-        layers.append(StackedLinear(self.k, width, NUM_CLASSES, [init_seed + m + 1000 * len(hidden_sizes)
-                                                                  for m in range(self.k)]))  # fmt: skip
+        seeds = [seed + 1000 * len(hidden_sizes) for seed in member_seeds]
+        layers.append(StackedLinear(self.k, width, NUM_CLASSES, seeds))
         self.net = nn.Sequential(*layers)
         self.loss_fn = nn.CrossEntropyLoss(reduction="none")
         self._sums: dict[str, Tensor] = {}
@@ -146,11 +159,13 @@ class PopulationMLP(ClassifierModule):
         if stage == "val" and self.trainer.state.fn == TrainerFn.FITTING and not self.trainer.sanity_checking:
             self._keep_best(acc.float())
         self.log(f"{stage}/acc", acc.mean().float())
-        if stage != "train":
-            for name, value in zip(self.names, acc.float(), strict=True):
-                self.log(f"{stage}/acc/{name}", value)
+        for name, value in zip(self.names, acc.float(), strict=True):
+            self.log(f"{stage}/acc/{name}", value)
         if f"{stage}/loss" in self._sums:
-            self.log(f"{stage}/loss", (self._sums.pop(f"{stage}/loss") / n).mean().float())
+            losses = self._sums.pop(f"{stage}/loss") / n
+            self.log(f"{stage}/loss", losses.mean().float())
+            for name, value in zip(self.names, losses.float(), strict=True):
+                self.log(f"{stage}/loss/{name}", value)
         if stage == "test":
             self._report_cells(acc)
 
@@ -231,7 +246,7 @@ class PopulationMLP(ClassifierModule):
                 param.grad.addcmul_(param, self.wd.view(-1, *[1] * (param.dim() - 1)))  # in float32, rounded once
 
     def on_train_epoch_end(self) -> None:
-        """Log the population's mean training accuracy."""
+        """Log the population's mean training accuracy and ``train/acc/<member>`` (dropout on)."""
         self._log_epoch("train")
 
     def _eval_step(self, batch: tuple[Tensor, Tensor], stage: str) -> None:
@@ -241,11 +256,11 @@ class PopulationMLP(ClassifierModule):
         self._count(stage, logits, y, self.member_losses(logits, y))
 
     def on_validation_epoch_end(self) -> None:
-        """Log ``val/acc`` (population mean), ``val/loss`` and ``val/acc/<member>``."""
+        """Log ``val/acc`` and ``val/loss`` (population means), ``val/acc/<member>`` and ``val/loss/<member>``."""
         self._log_epoch("val")
 
     def on_test_epoch_end(self) -> None:
-        """Log ``test/acc`` (population mean), ``test/loss`` and ``test/acc/<member>``."""
+        """Log ``test/acc`` and ``test/loss`` (population means), ``test/acc/<member>`` and ``test/loss/<member>``."""
         self._log_epoch("test")
 
     def predict_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> dict[str, Tensor]:

@@ -7,6 +7,7 @@ and figure (:mod:`dropout_lab.study_report`). Study file
 keys: ``base``, ``grid`` (dotted key → values) or ``cells`` (name → overrides; ``config`` swaps the base config),
 ``seeds`` (count or list); optional ``name``, ``out``, ``epochs``, ``baseline``, ``compare`` (pairs of cells),
 ``figure``, ``args`` (CLI options for every run), ``test_every_epoch`` (test every epoch's checkpoint too).
+``--population`` trains the cells × seeds as one run instead (:mod:`dropout_lab.study_population`).
 """
 
 from __future__ import annotations
@@ -191,6 +192,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     add("--dry_run", action="store_true", help="list the runs still to do, with their arguments, and stop")
     add("--keep_checkpoints", action="store_true", help="keep each run's checkpoints (default: deleted once recorded)")
+    add(
+        "--population",
+        action="store_true",
+        help="train all cells × seeds as the members of ONE PopulationMLP run (stacked weights, batched matmuls, "
+        "one process) instead of separate runs: for DropoutMLP studies whose cells vary only "
+        "model.init_args.dropouts and the SGD weight_decay (swap, weight_decay); the members share one data order",
+    )
     return parser
 
 
@@ -208,9 +216,11 @@ def main(argv: list[str] | None = None) -> None:
         study.epochs = opts.epochs or study.epochs
         if opts.jobs < 1:
             raise StudyError(f"--jobs: expected a positive integer, got {opts.jobs}")
+        if opts.population and opts.jobs > 1:
+            raise StudyError("--jobs: a --population study is one run in one process; drop --jobs")
         from dropout_lab.study_runner import run_study
 
-        run_study(study, Path(opts.logdir), extra, opts.dry_run, opts.keep_checkpoints, opts.jobs)
+        run_study(study, Path(opts.logdir), extra, opts.dry_run, opts.keep_checkpoints, opts.jobs, opts.population)
     except StudyError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -36,6 +36,7 @@ RESULT_FIELDS = [
     "steps", "seconds", "overrides", "finished",
 ]  # fmt: skip
 CURVE_FIELDS = ["cell", "seed", "tag", "step", "value"]
+POPULATION_NOTES = "population.json"  # written by ``study --population`` (dropout_lab.study_population)
 
 
 def read_rows(path: Path) -> list[dict[str, str]]:
@@ -279,6 +280,26 @@ def _figure(study: Study, stats: dict[str, CellStats], curves: Rows, rows: Rows)
     return plots.plot_study_curves(panels, title, xlabel="epoch", log_y=True, columns=2)
 
 
+def _population_note(study: Study, stats: dict[str, CellStats]) -> str:
+    """A sentence per ``study --population`` run recorded in ``<out>/population.json`` whose cells are reported."""
+    import json
+
+    path = study.out / POPULATION_NOTES
+    notes = json.loads(path.read_text()) if path.exists() else []
+    lines = []
+    for note in notes:
+        cells = [c for c in note["cells"] if c in stats]
+        if cells:
+            which = "Every cell" if set(cells) == set(stats) else f"Cells {', '.join(cells)}"
+            resumed = " in the attempt that resumed and finished it" if note.get("resumed") else ""
+            lines.append(
+                f"{which} × seeds {note['seeds']} ran as the {note['members']} members of one PopulationMLP run "
+                f"({note['config']}, {note['seconds']} s wall{resumed}): the members shared one data order and were "
+                "initialized by StackedLinear, so a seed's weights differ from a separate run's.\n"
+            )
+    return "".join(lines)
+
+
 def write_report(study: Study, rows: Rows, curves: Rows) -> list[Path]:
     """Write ``<out>/<name>.md`` (the tables) and ``<out>/<name>.png`` (the figure); returns their paths."""
     stats = summarize(study, rows)
@@ -292,6 +313,7 @@ def write_report(study: Study, rows: Rows, curves: Rows) -> list[Path]:
         f"validation accuracy. p: Welch's two-sided t-test over seeds {seeds}; Holm = adjusted for the "
         f"{max(len(stats) - 1, 0)} comparisons with the baseline. Runs' summed time: {minutes:.1f} min.\n"
     )
+    text += _population_note(study, stats)
     md, png = study.out / f"{study.name}.md", study.out / f"{study.name}.png"
     md.write_text(text)
     _figure(study, stats, curves, rows).savefig(png, dpi=90)

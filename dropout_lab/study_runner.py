@@ -33,9 +33,17 @@ def _quiet_lightning() -> None:
 
 
 def run_study(
-    study: Study, logdir: Path, extra: list[str], dry_run: bool = False, keep: bool = False, jobs: int = 1
+    study: Study,
+    logdir: Path,
+    extra: list[str],
+    dry_run: bool = False,
+    keep: bool = False,
+    jobs: int = 1,
+    population: bool = False,
 ) -> None:
-    """Run the study's unfinished (cell, seed) pairs, ``jobs`` at a time, then write its table and figure."""
+    """Run the study's unfinished (cell, seed) pairs, ``jobs`` at a time or as one population, then report."""
+    from dropout_lab.study_population import run_population
+
     results = study.out / "results.csv"
     todo = pending(study, report.read_rows(results))
     total = len(study.cells) * len(study.seeds)
@@ -44,13 +52,18 @@ def run_study(
     if len(study.seeds) < MIN_SEEDS:
         print(f"warning: {len(study.seeds)} seed(s); {MIN_SEEDS} is the floor for the t-tests to mean much", flush=True)
     if dry_run:
+        if population:
+            return run_population(study, todo, logdir, extra, keep, dry_run=True)
         for cell, seed in todo:
             print(f"{cell.name} seed {seed}: " + " ".join(run_args(study, cell, seed, logdir, extra)))
         return
     study.out.mkdir(parents=True, exist_ok=True)
     _quiet_lightning()
     with _exclusive(study.out):
-        _run_todo(study, todo, logdir, extra, keep, jobs)
+        if population:
+            run_population(study, todo, logdir, extra, keep)
+        else:
+            _run_todo(study, todo, logdir, extra, keep, jobs)
     for path in report.write_report(study, report.read_rows(results), report.read_rows(study.out / "curves.csv")):
         print(f"wrote {path}")
 

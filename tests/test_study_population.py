@@ -1,0 +1,184 @@
+"""``study --population``: a study's cells × seeds as the members of one PopulationMLP run, reported as a study."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from dropout_lab.cli import DropoutLabCLI
+from dropout_lab.cli import main as cli_main
+from dropout_lab.population import PopulationMLP
+from dropout_lab.study_report import RESULT_FIELDS, read_rows
+
+ROOT = Path(__file__).resolve().parents[1]
+RUN_ARGS = [
+    "--trainer.accelerator=cpu", "--trainer.limit_train_batches=3", "--trainer.limit_val_batches=2",
+    "--trainer.limit_test_batches=2", "--data.val_size=100", "--data.batch_size=32",
+    "--trainer.enable_progress_bar=false",
+]  # fmt: skip
+ARGS = f"args: {json.dumps(RUN_ARGS)}\n"
+GRID = (
+    f"base: {ROOT / 'configs/mlp.yaml'}\n"
+    "grid:\n  model.init_args.dropouts: [[0.5, 0.5], [0.0, 0.0]]\n"
+    "seeds: [3, 5]\nepochs: 2\nfigure: curves\n" + ARGS
+)
+# no dropout, two weight decays: every member is deterministic, so it can be checked against a run of its own
+DETERMINISTIC = (
+    f"base: {ROOT / 'configs/mlp.yaml'}\n"
+    "grid:\n  model.init_args.optimizer.init_args.weight_decay: [0.0, 0.05]\n"
+    "  model.init_args.dropouts: [[0.0, 0.0]]\n"
+    "seeds: [3, 5]\nepochs: 2\nfigure: heatmap\n" + ARGS
+)
+
+
+def study_argv(tmp_path: Path, data_dir: Path, body: str, *options: str) -> tuple[list[str], Path]:
+    (tmp_path / "s.yaml").write_text(body)
+    out = tmp_path / "out"
+    argv = ["study", "--config", str(tmp_path / "s.yaml"), "--out", str(out), "--logdir", str(tmp_path / "logs")]
+    return [*argv, "--population", *options, "--", "--data.data_dir", str(data_dir)], out
+
+
+def test_population_study_writes_the_rows_curves_and_report_of_separate_runs(
+    tmp_path: Path, tv_data_dir: Path, capsys
+) -> None:
+    argv, out = study_argv(tmp_path, tv_data_dir, GRID)
+    cli_main(argv)
+    printed = capsys.readouterr().out
+    assert "2 cells × 2 seeds = 4 members in one run" in printed and "population: 4 runs in" in printed
+    rows = read_rows(out / "results.csv")
+    assert [(r["cell"], r["seed"]) for r in rows] == [
+        ("dropouts=0.5,0.5", "3"), ("dropouts=0.5,0.5", "5"), ("dropouts=0,0", "3"), ("dropouts=0,0", "5"),
+    ]  # fmt: skip
+    assert set(rows[0]) == set(RESULT_FIELDS) and all(r["max_epochs"] == "2" and r["steps"] == "6" for r in rows)
+    # each row's figures are its own member's: test/acc/c<cell>s<j> and the last/best of val/acc/c<cell>s<j>
+    from dropout_lab.study_report import read_scalars
+
+    scalars = read_scalars(tmp_path / "logs" / "s" / "population" / "seeds3_5")
+    for m, row in enumerate(rows):
+        member = f"c{m // 2}s{m % 2}"
+        val = [v for _, v in scalars[f"val/acc/{member}"]]
+        assert len(val) == 2 and float(row["val_acc"]) == pytest.approx(val[-1])
+        assert float(row["best_val_acc"]) == pytest.approx(max(val))
+        assert float(row["train_acc"]) == pytest.approx(scalars[f"train/acc/{member}"][-1][1])
+        assert float(row["gap"]) == pytest.approx(float(row["train_acc"]) - float(row["val_acc"]))
+    accs = [float(r["test_acc"]) for r in rows]
+    population_acc = scalars["test/acc"][-1][1]
+    assert population_acc == pytest.approx(sum(accs) / 4, abs=1e-6)
+    curves = read_rows(out / "curves.csv")
+    for tag in ("train/acc", "val/acc", "val/loss"):
+        assert sum(1 for c in curves if c["tag"] == tag and c["cell"] == "dropouts=0,0" and c["seed"] == "5") == 2
+    text = (out / "s.md").read_text()
+    assert "Every cell × seeds [3, 5] ran as the 4 members of one PopulationMLP run" in text
+    assert text.count(" ± ") >= 6 and (out / "s.png").stat().st_size > 1000
+    assert "PopulationMLP" in (out / "population.yaml").read_text()
+    assert not (tmp_path / "logs" / "s" / "population" / "seeds3_5" / "checkpoints").exists()
+    cli_main(argv)  # finished: nothing to run again
+    assert "4 done, 0 to run" in capsys.readouterr().out and len(read_rows(out / "results.csv")) == 4
+
+
+def test_every_member_equals_a_run_of_its_own(tmp_path: Path, tv_data_dir: Path) -> None:
+    """Cell ↔ member ↔ seed mapping: each deterministic member against a one-member population of its (wd, seed)."""
+    argv, out = study_argv(tmp_path, tv_data_dir, DETERMINISTIC)
+    cli_main(argv)
+    rows = {(r["cell"], int(r["seed"])): r for r in read_rows(out / "results.csv")}
+    assert len(rows) == 4
+    losses = set()
+    for (cell, seed), row in rows.items():
+        wd = 0.05 if cell.startswith("weight_decay=0.05") else 0.0
+        args = ["fit", "--config", str(out / "population.yaml"), "--data.data_dir", str(tv_data_dir), *RUN_ARGS]
+        args += ["--trainer.max_epochs=2", "--model.init_args.dropouts=[[0.0, 0.0]]", "--seed_everything=3",
+                 "--model.init_args.members_per_cell=1", f"--model.init_args.init_seeds=[{seed}]",
+                 f"--model.init_args.weight_decays=[{wd}]",
+                 f"--trainer.logger.init_args.save_dir={tmp_path}/one"]  # fmt: skip
+        cli = DropoutLabCLI(args=args)
+        alone = cli.trainer.callback_metrics
+        assert float(row["test_loss"]) == pytest.approx(float(alone["test/loss"]), rel=1e-5), (cell, seed)
+        assert float(row["test_acc"]) == pytest.approx(float(alone["test/acc"]), abs=0.011)  # one image at most
+        losses.add(round(float(row["test_loss"]), 5))
+    assert len(losses) == 4  # the two seeds and the two weight decays all changed the result
+
+
+def test_a_crashed_population_resumes_from_its_last_checkpoint(tmp_path: Path, tv_data_dir: Path, capsys) -> None:
+    argv, out = study_argv(tmp_path, tv_data_dir, GRID)
+    cli_main([*argv[:-3], "--keep_checkpoints", *argv[-3:]])
+    first = read_rows(out / "results.csv")
+    for name in ("results.csv", "curves.csv", "population.json"):  # killed after the fit, before the rows
+        (out / name).unlink()
+    cli_main(argv)
+    printed = capsys.readouterr().out
+    assert "; resuming from " in printed and "last.ckpt" in printed
+    again = read_rows(out / "results.csv")
+    keys = ("cell", "seed", "test_acc", "test_loss", "val_acc", "best_val_acc", "train_acc", "steps")
+    assert [[r[k] for k in keys] for r in again] == [[r[k] for k in keys] for r in first]
+    assert "in the attempt that resumed and finished it" in (out / "s.md").read_text()
+
+
+@pytest.mark.parametrize(
+    ("body", "options", "message"),
+    [
+        ("variants", (), "cell scratch sets config; a population varies only model.init_args.dropouts"),
+        ("lenet", (), "trains dropout_lab.models.LeNet; only dropout_lab.models.DropoutMLP studies"),
+        ("hidden", (), "a population varies only model.init_args.dropouts"),
+        ("grid", ("--jobs", "2"), "--jobs: a --population study is one run"),
+        ("variance", (), "the variance figure need separate runs"),
+        ("adam", (), "weight decay is added to the gradients as SGD does"),
+    ],
+)
+def test_what_a_population_cannot_express_is_a_one_line_error(
+    tmp_path: Path, tv_data_dir: Path, capsys, body: str, options: tuple[str, ...], message: str
+) -> None:
+    bodies = {
+        "variants": (ROOT / "configs/studies/variants.yaml").read_text().replace("base: ", f"base: {ROOT}/")
+        .replace("config: ", f"config: {ROOT}/"),
+        "lenet": GRID.replace("configs/mlp.yaml", "configs/lenet.yaml"),
+        "hidden": GRID.replace("model.init_args.dropouts: [[0.5, 0.5], [0.0, 0.0]]",
+                               "model.init_args.hidden_sizes: [[16, 16], [32, 32]]"),
+        "grid": GRID,
+        "variance": GRID.replace("figure: curves", "figure: variance"),
+        "adam": DETERMINISTIC + "# the base optimizer swapped below\n",
+    }  # fmt: skip
+    argv, out = study_argv(tmp_path, tv_data_dir, bodies[body], *options)
+    if body == "adam":
+        config = (ROOT / "configs/mlp.yaml").read_text().replace("torch.optim.SGD", "torch.optim.Adam")
+        (tmp_path / "adam.yaml").write_text(config)
+        study = bodies[body].replace(str(ROOT / "configs/mlp.yaml"), str(tmp_path / "adam.yaml"))
+        (tmp_path / "s.yaml").write_text(study)
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and message in err and "Traceback" not in err, err
+    assert not (out / "results.csv").exists()
+
+
+def test_a_partly_finished_cell_is_refused_and_dry_run_writes_nothing(
+    tmp_path: Path, tv_data_dir: Path, capsys
+) -> None:
+    argv, out = study_argv(tmp_path, tv_data_dir, GRID)
+    cli_main([*argv[:-3], "--dry_run", *argv[-3:]])
+    printed = capsys.readouterr().out
+    assert "population of 2 cells × 2 seeds: python -m dropout_lab fit --config" in printed
+    assert "class_path: dropout_lab.population.PopulationMLP" in printed and "init_seeds:\n    - 3\n    - 5" in printed
+    assert not out.exists()
+    out.mkdir()
+    with (out / "results.csv").open("w", newline="") as f:  # seed 3 of the first cell finished by the runner
+        writer = csv.DictWriter(f, fieldnames=RESULT_FIELDS)
+        writer.writeheader()
+        writer.writerow({k: "0" for k in RESULT_FIELDS} | {"cell": "dropouts=0.5,0.5", "seed": "3", "max_epochs": "2"})
+    with pytest.raises(SystemExit):
+        cli_main(argv)
+    assert "cell dropouts=0.5,0.5 has finished seeds [3]" in capsys.readouterr().err
+
+
+def test_init_seeds_start_every_cell_of_a_seed_from_the_same_weights() -> None:
+    model = PopulationMLP((16,), [(0.5,), (0.1,), (0.0,)], members_per_cell=2, init_seeds=[7, 9])
+    first = model.net[0].weight
+    assert torch.equal(first[0], first[2]) and torch.equal(first[1], first[5])  # c0s0 = c1s0, c0s1 = c2s1
+    assert not torch.equal(first[0], first[1])
+    seeded = PopulationMLP((16,), [(0.5,)], members_per_cell=2, init_seed=7)  # init_seed + m: 7, 8
+    assert torch.equal(seeded.net[0].weight[0], first[0]) and not torch.equal(seeded.net[0].weight[1], first[1])
+    with pytest.raises(ValueError, match=r"model\.init_seeds: give one seed per member"):
+        PopulationMLP((16,), [(0.5,)], members_per_cell=2, init_seeds=[1, 2, 3])
