@@ -11,8 +11,8 @@
 #   compile      benchmarks/compile_step.py --mode reduce-overhead: one step eager vs CUDA graphs, p = 0 and 0.5
 #   mc           benchmarks/mc_dropout.py: vectorized mc_predict (with and without prefix sharing) vs a loop of
 #                T forwards; benchmarks/dropout_kernel.py: F.dropout vs uniform masks on CUDA (cpu_only's reason)
-#   population   benchmarks/population.py, then the whole swap study as one PopulationMLP fit, timed, as
-#                configured and with micro-batches 8 + CUDA graphs + TF32
+#   population   benchmarks/population.py, then the whole swap study (seeds 0-2) as `study --population`, timed
+#                (start-up, 10 epochs, test, report), as configured and with micro-batches 8 + CUDA graphs + TF32
 #   jobs         benchmarks/study_jobs.py: does `study --jobs 2` help on one GPU?
 #   all          every stage above (longer than one 10-minute device call: split it, e.g.
 #                "tests ops speed-mlp", "speed-lenet compile mc", "population jobs")
@@ -52,13 +52,14 @@ run() {  # run NAME CMD...: echo, run, keep the log; a failing stage does not st
     [ "$rc" -eq 0 ] || failed+=("$name")
 }
 
-population_fit() {  # the swap study (8 cells x seeds 0-2) as one fit, extra CLI args appended; `run` times it
+population_study() {  # the swap study (8 cells x seeds 0-2) through `study --population`, extra fit args appended
     local tmp
     tmp=$(mktemp -d)
-    "$py" -m dropout_lab fit --config configs/population_swap.yaml --trainer.accelerator gpu \
-        --trainer.default_root_dir "$tmp" --trainer.logger false --trainer.enable_progress_bar false \
+    "$py" -m dropout_lab study --config configs/studies/swap.yaml --seeds 0 1 2 --population --out "$tmp/out" \
+        --logdir "$tmp/logs" -- --trainer.accelerator gpu --trainer.enable_progress_bar false \
         --data.data_dir "$tmp/data" "$@"
     local status=$?
+    cat "$tmp/out/swap.md" 2>/dev/null
     rm -rf "$tmp"
     return $status
 }
@@ -83,8 +84,8 @@ for stage in "${stages[@]}"; do
             run dropout-kernel "$py" benchmarks/dropout_kernel.py --rounds 3 --device gpu --mc-images 10000 ;;
         population)
             run population "$py" benchmarks/population.py --rounds 2 --device gpu --precisions 32-true bf16-mixed
-            run population-fit population_fit
-            run population-fast population_fit --data.batch_size 2048 --model.init_args.micro_batch_size 256 \
+            run population-study population_study
+            run population-study-fast population_study --data.batch_size 2048 --model.init_args.micro_batch_size 256 \
                 --trainer.callbacks+=dropout_lab.speed.CompileModule --trainer.callbacks.mode reduce-overhead \
                 --float32_matmul_precision high ;;
         jobs) run jobs "$py" benchmarks/study_jobs.py --seeds 0 --jobs 1 2 ;;

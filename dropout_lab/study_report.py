@@ -294,8 +294,10 @@ def _population_note(study: Study, stats: dict[str, CellStats]) -> str:
             resumed = " in the attempt that resumed and finished it" if note.get("resumed") else ""
             lines.append(
                 f"{which} × seeds {note['seeds']} ran as the {note['members']} members of one PopulationMLP run "
-                f"({note['config']}, {note['seconds']} s wall{resumed}): the members shared one data order and were "
-                "initialized by StackedLinear, so a seed's weights differ from a separate run's.\n"
+                f"({note['config']}, {note['seconds']} s wall{resumed}): the members shared one data order (the "
+                "first seed's) and were initialized by StackedLinear, so a seed's weights differ from a separate "
+                "run's, and the spread over seeds leaves out the data-order variance separate runs have: p-values "
+                "compare the cells on one data order.\n"
             )
     return "".join(lines)
 
