@@ -1,4 +1,4 @@
-"""Wall time of one study run one pair at a time, with ``--jobs N`` worker processes and as one population, side by side.
+"""Wall time of one study: one pair at a time, with ``--jobs N`` worker processes, as one population; side by side.
 
 Runs ``python -m dropout_lab study --config <study> --seeds <seeds>`` once per ``--jobs`` value (and, with
 ``--population``, once more as ``study --population``: every cell × seed as a member of one ``PopulationMLP``
@@ -75,7 +75,8 @@ def main() -> None:
             per_run = statistics.mean(float(r["seconds"]) for r in rows)
             acc = statistics.mean(float(r["test_acc"]) for r in rows)
             label = " ".join(route)
-            print(f"| {label} | {wall:.1f} | {len(rows)} | {per_run:.1f} | {base / wall:.2f}× | {acc:.4f} |", flush=True)
+            cols = [label, f"{wall:.1f}", str(len(rows)), f"{per_run:.1f}", f"{base / wall:.2f}×", f"{acc:.4f}"]
+            print(f"| {' | '.join(cols)} |", flush=True)
 
 
 if __name__ == "__main__":
