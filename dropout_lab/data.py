@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from dropout_lab.augment import BatchAugment
 from dropout_lab.idx import DataError, find_or_install, load_arrays
 
-__all__ = ["EpochPermutation", "FashionMNISTDataModule", "TensorBatchLoader", "epoch_generator"]
+__all__ = ["EpochPermutation", "FashionMNISTDataModule", "StackedBatchLoader", "TensorBatchLoader", "epoch_generator"]
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -126,6 +126,43 @@ class TensorBatchLoader:
             yield x, self.labels[idx]
 
 
+class _EpochFanOut:
+    """The ``sampler`` of a :class:`StackedBatchLoader`: Lightning's ``set_epoch`` reaches every order."""
+
+    def __init__(self, samplers: list[EpochPermutation]) -> None:
+        self.samplers = samplers
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch of every stacked order."""
+        for sampler in self.samplers:
+            sampler.set_epoch(epoch)
+
+
+class StackedBatchLoader:
+    """S training orders side by side, for :class:`~dropout_lab.population.PopulationMLP`: batch ``i`` of each.
+
+    Loader ``s`` yields exactly the batches a single run with ``shuffle_seed`` = seed ``s`` gets (same order, same
+    augmentation draws); they are stacked along a second axis, batch first: ``x`` (B, S, 1, 28, 28) and ``y``
+    (B, S), so splitting a batch into micro-batches along the first axis works as for one order.
+
+    Args:
+        loaders: one :class:`TensorBatchLoader` per order, over the same images and batch size.
+    """
+
+    def __init__(self, loaders: list[TensorBatchLoader]) -> None:
+        self.loaders = loaders
+        self.sampler = _EpochFanOut([loader.sampler for loader in loaders])
+        self.batch_sampler = None  # Lightning inspects it; the orders come from ``sampler``
+
+    def __len__(self) -> int:
+        return len(self.loaders[0])
+
+    def __iter__(self) -> Iterator[Batch]:
+        for batches in zip(*self.loaders, strict=True):
+            xs, ys = zip(*batches, strict=True)
+            yield torch.stack(xs, dim=1), torch.stack(ys, dim=1)
+
+
 def _torchvision_dataset(
     data_dir: Path, split: str, index: torch.Tensor | None, mean: float, std: float, augment: BatchAugment
 ) -> Dataset:
@@ -161,6 +198,10 @@ class FashionMNISTDataModule(L.LightningDataModule):
         normalize: false = pixels in [0, 1] (as in the d2l book); true = standardize with the training
             mean and std.
         shuffle_seed: seed of the per-epoch training order; null = the run's ``seed_everything`` value.
+        shuffle_seeds: for ``PopulationMLP`` (``study --population`` sets it): one training order per seed, each
+            the order of a run with that ``shuffle_seed``, stacked batch first as x (B, S, 1, 28, 28) and
+            y (B, S); member ``c<cell>s<j>`` trains on order j. Needs ``loader: tensor``; validation and test
+            batches are unchanged. null = one order (``shuffle_seed``).
         split_seed: seed of the train/validation split (fixed, so every run validates on the same images).
         hflip: training augmentation: mirror each training image left-right with probability 1/2.
         max_shift: training augmentation: translate each training image by up to this many pixels along each
@@ -177,11 +218,21 @@ class FashionMNISTDataModule(L.LightningDataModule):
         num_workers: NonNegativeInt = 0,
         normalize: bool = False,
         shuffle_seed: int | None = None,
+        shuffle_seeds: list[int] | None = None,
         split_seed: int = 0,
         hflip: bool = False,
         max_shift: NonNegativeInt = 0,
     ) -> None:
         super().__init__()
+        if shuffle_seeds is not None and (loader != "tensor" or not shuffle_seeds):
+            raise ValueError(
+                f"data.shuffle_seeds: stacked training orders need loader: tensor and at least one seed, got "
+                f"loader: {loader}, shuffle_seeds: {shuffle_seeds}"
+            )
+        if shuffle_seeds is not None and shuffle_seed is not None:
+            raise ValueError(
+                f"data.shuffle_seed ({shuffle_seed}) and data.shuffle_seeds ({shuffle_seeds}): give one of them"
+            )
         self.save_hyperparameters()
         self.augment = BatchAugment(hflip, max_shift)
         self.data_dir = Path(data_dir)
@@ -227,7 +278,7 @@ class FashionMNISTDataModule(L.LightningDataModule):
         self.splits = {k: (x.to(self.device), y.long().to(self.device)) for k, (x, y) in splits.items()}
         self.split_index = {"train": train_idx, "val": val_idx, "test": None}
 
-    def _loader(self, split: str) -> TensorBatchLoader | DataLoader:
+    def _loader(self, split: str) -> TensorBatchLoader | StackedBatchLoader | DataLoader:
         if not self.splits:
             raise RuntimeError("FashionMNISTDataModule: call setup() before asking for a dataloader")
         images, labels = self.splits[split]
@@ -242,9 +293,14 @@ class FashionMNISTDataModule(L.LightningDataModule):
             )
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if train and self.trainer else (0, 1)
         seed = self.hparams.shuffle_seed if self.hparams.shuffle_seed is not None else _run_seed()
-        sampler = EpochPermutation(len(labels), shuffle=train, seed=seed, rank=rank, world_size=world)
-        augment = self.augment if train else None
-        return TensorBatchLoader(images, labels, self.hparams.batch_size, sampler, self.mean, self.std, augment)
+        stacked = self.hparams.get("shuffle_seeds") if train else None
+
+        def loader(seed: int) -> TensorBatchLoader:
+            sampler = EpochPermutation(len(labels), shuffle=train, seed=seed, rank=rank, world_size=world)
+            augment = self.augment if train else None
+            return TensorBatchLoader(images, labels, self.hparams.batch_size, sampler, self.mean, self.std, augment)
+
+        return StackedBatchLoader([loader(s) for s in stacked]) if stacked else loader(seed)
 
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
         """Fast path for ``(x, y)`` pairs (a no-op when the tensor loader already holds them on the device)."""
@@ -252,7 +308,7 @@ class FashionMNISTDataModule(L.LightningDataModule):
             return type(batch)(t.to(device, non_blocking=True) for t in batch)
         return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
-    def train_dataloader(self) -> TensorBatchLoader | DataLoader:
+    def train_dataloader(self) -> TensorBatchLoader | StackedBatchLoader | DataLoader:
         """Shuffled training batches (a new order each epoch)."""
         return self._loader("train")
 

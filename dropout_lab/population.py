@@ -2,10 +2,12 @@
 
 A study's cells × seeds of one architecture become the members of one :class:`PopulationMLP`. Every member has
 its own initialization, its own per-layer dropout probabilities, its own weight decay and its own dropout masks;
-all members see the same batches. The loss is the sum of the members' mean losses, so each member's gradient is
-exactly the gradient it would get alone (``tests/test_population.py`` trains K independent ``DropoutMLP`` s and the
-population side by side and compares every weight). One optimizer step updates all K members: K times the math
-per launch, which is what a launch-bound GPU needs, and one process instead of K on the CPU.
+all members see the same batches, or, with ``data.shuffle_seeds``, member ``c<cell>s<j>`` sees the training order
+of seed j (what a separate run of that seed sees). The loss is the sum of the members' mean losses, so each
+member's gradient is exactly the gradient it would get alone (``tests/test_population.py`` trains K independent
+``DropoutMLP`` s and the population side by side and compares every weight). One optimizer step updates all K
+members: K times the math per launch, which is what a launch-bound GPU needs, and one process instead of K on the
+CPU.
 """
 
 from __future__ import annotations
@@ -96,6 +98,8 @@ class PopulationMLP(ClassifierModule):
             persistent=False,
         )
         self._decays = any(w > 0 for w in wds)  # known on the host: no step asks the device
+        order = torch.arange(self.k) % members_per_cell  # member c<cell>s<j> trains on stacked order j
+        self.register_buffer("member_order", order, persistent=False)
         if init_seeds is None:
             member_seeds = [init_seed + m for m in range(self.k)]
         else:
@@ -132,21 +136,45 @@ class PopulationMLP(ClassifierModule):
                 setattr(self, name, old.to(new.device))
         return self
 
+    def _orders(self, stacked: int) -> Tensor:
+        """Member → index of its training order in a stacked batch of ``stacked`` orders (its seed index j)."""
+        per_cell = self.hparams.members_per_cell
+        if stacked != per_cell:
+            raise ValueError(
+                f"PopulationMLP: a batch of {stacked} stacked training orders (data.shuffle_seeds) needs one per "
+                f"member of a cell (members_per_cell = {per_cell})"
+            )
+        return self.member_order
+
     def forward(self, x: Tensor) -> Tensor:
-        """Images (B, 1, 28, 28) → logits (K, B, 10), one slice per member."""
-        flat = x.reshape(x.shape[0], -1).to(self.net[0].weight.dtype)
+        """Images (B, 1, 28, 28) → logits (K, B, 10), one slice per member; or stacked orders (B, S, 1, 28, 28).
+
+        With S stacked training orders (``data.shuffle_seeds``), member ``c<cell>s<j>`` gets order j's images.
+        """
+        dtype = self.net[0].weight.dtype
+        if x.dim() == 5:
+            flat = x.reshape(x.shape[0], x.shape[1], -1).transpose(0, 1).to(dtype)  # (S, B, 784)
+            return self.net(flat.index_select(0, self._orders(x.shape[1])))
+        flat = x.reshape(x.shape[0], -1).to(dtype)
         return self.net(flat.unsqueeze(0).expand(self.k, -1, -1))
 
+    def member_targets(self, y: Tensor) -> Tensor:
+        """Labels (K, B) per member, from shared labels (B,) or stacked orders' labels (B, S)."""
+        if y.dim() == 2:
+            return y.t().index_select(0, self._orders(y.shape[1]))
+        return y.unsqueeze(0).expand(self.k, -1)
+
     def member_losses(self, logits: Tensor, y: Tensor) -> Tensor:
-        """(K,) mean cross-entropy of each member."""
+        """(K,) mean cross-entropy of each member; ``y``: labels (B,), or (B, S) for stacked orders."""
         k, b, c = logits.shape
-        return self.loss_fn(logits.reshape(k * b, c), y.repeat(k)).view(k, b).mean(dim=1)
+        return self.loss_fn(logits.reshape(k * b, c), self.member_targets(y).reshape(k * b)).view(k, b).mean(dim=1)
 
     def _count(self, stage: str, logits: Tensor, y: Tensor, losses: Tensor | None = None) -> None:
         """Accumulate per-member correct counts (and loss sums) on the device: no host sync per step."""
-        correct = (logits.argmax(dim=-1) == y).sum(dim=1).to(torch.float64)
-        self._seen[stage] = self._seen.get(stage, 0) + y.numel()  # counted on the host: no host-to-device copy
-        parts = {"correct": correct} | ({} if losses is None else {"loss": losses.detach().double() * y.numel()})
+        correct = (logits.argmax(dim=-1) == self.member_targets(y)).sum(dim=1).to(torch.float64)
+        n = y.shape[0]  # images per member (the batch is first in both layouts)
+        self._seen[stage] = self._seen.get(stage, 0) + n  # counted on the host: no host-to-device copy
+        parts = {"correct": correct} | ({} if losses is None else {"loss": losses.detach().double() * n})
         for key, value in parts.items():
             name = f"{stage}/{key}"
             self._sums[name] = self._sums[name] + value if name in self._sums else value.clone()

@@ -6,11 +6,13 @@ seed), stacked weights, batched matmuls, in one process. The generated config is
 ``<out>/population.yaml``; each member's results become the same ``results.csv`` / ``curves.csv`` rows a separate
 run writes, so the tables and figures are made as for any study.
 
-What differs from separate runs (and is stated in the report): the members share one data order and one stream
-of dropout draws (``seed_everything`` = the first seed), while a separate run's seed also sets its data order;
-member ``c<cell>s<j>`` is initialized from the j-th seed by :class:`~dropout_lab.stacked.StackedLinear`, not by
-``nn.Linear`` under ``seed_everything``, so seed k's weights are not those of a separate run of seed k. Every cell
-of one seed starts from the same weights, as with separate runs. A run's ``seconds`` is its share (1/K) of the
+Each member sees the training order of its seed (``data.shuffle_seeds``: the batches a separate run of that seed
+gets); with a fixed ``data.shuffle_seed`` all members share that order, as such runs do, and with ``loader:
+torch`` they share the first seed's order. What differs from separate runs (and is stated in the report): the
+members share one stream of dropout draws (``seed_everything`` = the first seed), and member ``c<cell>s<j>`` is
+initialized from the j-th seed by :class:`~dropout_lab.stacked.StackedLinear`, not by ``nn.Linear`` under
+``seed_everything``, so seed k's weights are not those of a separate run of seed k. Every cell of one seed starts
+from the same weights, as with separate runs. A run's ``seconds`` is its share (1/K) of the
 population's wall time.
 """
 
@@ -62,6 +64,13 @@ def population_cells(study: Study, todo: list[tuple[Cell, int]]) -> list[Cell]:
     return cells
 
 
+def _data_args(config: dict[str, Any]) -> dict[str, Any]:
+    """The data module's arguments in ``config`` (plain or ``class_path``/``init_args`` form), created if absent."""
+    data = config.get("data") or {}
+    config["data"] = data
+    return data.setdefault("init_args", {}) if "class_path" in data else data
+
+
 def population_config(study: Study, cells: list[Cell]) -> dict[str, Any]:
     """The ``fit`` config of one population of ``cells`` × the study's seeds, built from the study's base config.
 
@@ -109,6 +118,9 @@ def population_config(study: Study, cells: list[Cell]) -> dict[str, Any]:
     # each member keeps its own best-validation weights (and is tested with them); no "best by the mean" file
     config["checkpoint"] = {"monitor": None, "filename": "epoch{epoch:02d}", "save_last": True}
     config["seed_everything"] = study.seeds[0]
+    data_args = _data_args(config)
+    if data_args.get("loader", "tensor") == "tensor" and data_args.get("shuffle_seed") is None:
+        data_args["shuffle_seeds"] = list(study.seeds)  # member c<cell>s<j>: the data order of a run of seed j
     return config
 
 
@@ -156,7 +168,8 @@ def run_population(
     report.append_rows(study.out / "curves.csv", report.CURVE_FIELDS, curves)
     report.append_rows(study.out / "results.csv", report.RESULT_FIELDS, rows)
     note = {"cells": [c.name for c in cells], "seeds": study.seeds, "seconds": round(seconds, 1),
-            "members": len(rows), "config": str(path), "resumed": resume}  # fmt: skip
+            "members": len(rows), "config": str(path), "resumed": resume,
+            "data_orders": "per seed" if _data_args(config).get("shuffle_seeds") else "shared"}  # fmt: skip
     notes = study.out / report.POPULATION_NOTES
     previous = json.loads(notes.read_text()) if notes.exists() else []
     notes.write_text(json.dumps([*previous, note], indent=1) + "\n")

@@ -292,12 +292,18 @@ def _population_note(study: Study, stats: dict[str, CellStats]) -> str:
         if cells:
             which = "Every cell" if set(cells) == set(stats) else f"Cells {', '.join(cells)}"
             resumed = " in the attempt that resumed and finished it" if note.get("resumed") else ""
+            if note.get("data_orders") == "per seed":
+                order = "each member trained on the data order of its seed, as a separate run does, and "
+            else:
+                order = (
+                    "the members shared one data order (so the spread over seeds leaves out the data-order "
+                    "variance separate runs have: p-values compare the cells on one data order), and "
+                )
             lines.append(
                 f"{which} × seeds {note['seeds']} ran as the {note['members']} members of one PopulationMLP run "
-                f"({note['config']}, {note['seconds']} s wall{resumed}): the members shared one data order (the "
-                "first seed's) and were initialized by StackedLinear, so a seed's weights differ from a separate "
-                "run's, and the spread over seeds leaves out the data-order variance separate runs have: p-values "
-                "compare the cells on one data order.\n"
+                f"({note['config']}, {note['seconds']} s wall{resumed}): {order}the members were initialized by "
+                "StackedLinear and shared one stream of dropout draws, so a seed's weights and masks differ from a "
+                "separate run's.\n"
             )
     return "".join(lines)
 

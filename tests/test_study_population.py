@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from dropout_lab.cli import DropoutLabCLI
 from dropout_lab.cli import main as cli_main
@@ -73,6 +74,8 @@ def test_population_study_writes_the_rows_curves_and_report_of_separate_runs(
         assert sum(1 for c in curves if c["tag"] == tag and c["cell"] == "dropouts=0,0" and c["seed"] == "5") == 2
     text = (out / "s.md").read_text()
     assert "Every cell × seeds [3, 5] ran as the 4 members of one PopulationMLP run" in text
+    assert "each member trained on the data order of its seed" in text
+    assert yaml.safe_load((out / "population.yaml").read_text())["data"]["shuffle_seeds"] == [3, 5]
     assert text.count(" ± ") >= 6 and (out / "s.png").stat().st_size > 1000
     assert "PopulationMLP" in (out / "population.yaml").read_text()
     assert not (tmp_path / "logs" / "s" / "population" / "seeds3_5" / "checkpoints").exists()
@@ -81,7 +84,11 @@ def test_population_study_writes_the_rows_curves_and_report_of_separate_runs(
 
 
 def test_every_member_equals_a_run_of_its_own(tmp_path: Path, tv_data_dir: Path) -> None:
-    """Cell ↔ member ↔ seed mapping: each deterministic member against a one-member population of its (wd, seed)."""
+    """Cell ↔ member ↔ seed mapping: each deterministic member against a one-member population of its (wd, seed).
+
+    The one-member run gets the seed's initialization and the seed's data order (``data.shuffle_seeds``), as the
+    member does inside the population.
+    """
     argv, out = study_argv(tmp_path, tv_data_dir, DETERMINISTIC)
     cli_main(argv)
     rows = {(r["cell"], int(r["seed"])): r for r in read_rows(out / "results.csv")}
@@ -92,7 +99,7 @@ def test_every_member_equals_a_run_of_its_own(tmp_path: Path, tv_data_dir: Path)
         args = ["fit", "--config", str(out / "population.yaml"), "--data.data_dir", str(tv_data_dir), *RUN_ARGS]
         args += ["--trainer.max_epochs=2", "--model.init_args.dropouts=[[0.0, 0.0]]", "--seed_everything=3",
                  "--model.init_args.members_per_cell=1", f"--model.init_args.init_seeds=[{seed}]",
-                 f"--model.init_args.weight_decays=[{wd}]",
+                 f"--model.init_args.weight_decays=[{wd}]", f"--data.shuffle_seeds=[{seed}]",
                  f"--trainer.logger.init_args.save_dir={tmp_path}/one"]  # fmt: skip
         cli = DropoutLabCLI(args=args)
         alone = cli.trainer.callback_metrics
