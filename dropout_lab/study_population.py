@@ -71,6 +71,13 @@ def _data_args(config: dict[str, Any]) -> dict[str, Any]:
     return data.setdefault("init_args", {}) if "class_path" in data else data
 
 
+def _data_orders(config: dict[str, Any], extra: list[str]) -> str:
+    """How the members' training orders were chosen, for the report: per seed, shared, or by the run's arguments."""
+    if any(arg.startswith(("--data.shuffle_seeds", "--data.init_args.shuffle_seeds")) for arg in extra):
+        return "set by the run's arguments"
+    return "per seed" if _data_args(config).get("shuffle_seeds") else "shared"
+
+
 def population_config(study: Study, cells: list[Cell]) -> dict[str, Any]:
     """The ``fit`` config of one population of ``cells`` × the study's seeds, built from the study's base config.
 
@@ -169,7 +176,7 @@ def run_population(
     report.append_rows(study.out / "results.csv", report.RESULT_FIELDS, rows)
     note = {"cells": [c.name for c in cells], "seeds": study.seeds, "seconds": round(seconds, 1),
             "members": len(rows), "config": str(path), "resumed": resume,
-            "data_orders": "per seed" if _data_args(config).get("shuffle_seeds") else "shared"}  # fmt: skip
+            "data_orders": _data_orders(config, extra)}  # fmt: skip
     notes = study.out / report.POPULATION_NOTES
     previous = json.loads(notes.read_text()) if notes.exists() else []
     notes.write_text(json.dumps([*previous, note], indent=1) + "\n")

@@ -292,8 +292,11 @@ def _population_note(study: Study, stats: dict[str, CellStats]) -> str:
         if cells:
             which = "Every cell" if set(cells) == set(stats) else f"Cells {', '.join(cells)}"
             resumed = " in the attempt that resumed and finished it" if note.get("resumed") else ""
-            if note.get("data_orders") == "per seed":
+            orders = note.get("data_orders")
+            if orders == "per seed":
                 order = "each member trained on the data order of its seed, as a separate run does, and "
+            elif orders == "set by the run's arguments":
+                order = "the training orders were set by the run's own --data.shuffle_seeds, and "
             else:
                 order = (
                     "the members shared one data order (so the spread over seeds leaves out the data-order "

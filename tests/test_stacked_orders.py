@@ -88,3 +88,12 @@ def test_micro_batches_of_stacked_orders_make_the_same_updates(tv_data_dir: Path
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
     start = PopulationMLP((16,), [(0.5,), (0.0,)], members_per_cell=2, init_seeds=[3, 5])
     assert not torch.allclose(start.net[0].weight, whole.net[0].weight)  # it trained
+
+
+def test_the_report_knows_how_the_training_orders_were_chosen() -> None:
+    from dropout_lab.study_population import _data_orders
+
+    per_seed = {"data": {"shuffle_seeds": [0, 1]}}
+    assert _data_orders(per_seed, []) == "per seed"
+    assert _data_orders({"data": {"loader": "torch"}}, []) == "shared"
+    assert _data_orders(per_seed, ["--data.shuffle_seeds", "null"]) == "set by the run's arguments"
