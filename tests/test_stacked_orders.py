@@ -71,11 +71,11 @@ def test_member_j_of_every_cell_sees_order_j() -> None:
         pop(torch.rand(8, 3, 1, 28, 28))
 
 
-def _fit_population(data_dir: Path, batch_size: int, micro: int | None) -> PopulationMLP:
+def _fit_population(data_dir: Path, batch_size: int, micro: int | None, accelerator: str = "cpu") -> PopulationMLP:
     L.seed_everything(3)
     pop = PopulationMLP((16,), [(0.5,), (0.0,)], members_per_cell=2, init_seeds=[3, 5], micro_batch_size=micro)
     dm = FashionMNISTDataModule(data_dir=str(data_dir), val_size=100, batch_size=batch_size, shuffle_seeds=[3, 5])
-    trainer = L.Trainer(max_steps=12, accelerator="cpu", logger=False, enable_checkpointing=False,
+    trainer = L.Trainer(max_steps=12, accelerator=accelerator, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)  # fmt: skip
     trainer.fit(pop, datamodule=dm)
     return pop
@@ -88,6 +88,16 @@ def test_micro_batches_of_stacked_orders_make_the_same_updates(tv_data_dir: Path
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
     start = PopulationMLP((16,), [(0.5,), (0.0,)], members_per_cell=2, init_seeds=[3, 5])
     assert not torch.allclose(start.net[0].weight, whole.net[0].weight)  # it trained
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_micro_batches_of_stacked_orders_make_the_same_updates(tv_data_dir: Path) -> None:
+    """On CUDA (the set on the GPU, orders gathered there): batch 32 in micro-batches of 8 = batch 8."""
+    whole, split = _fit_population(tv_data_dir, 8, None, "gpu"), _fit_population(tv_data_dir, 32, 8, "gpu")
+    assert whole.net[0].weight.is_cuda
+    for a, b in zip(whole.parameters(), split.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_the_report_knows_how_the_training_orders_were_chosen() -> None:
