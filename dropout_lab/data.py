@@ -2,165 +2,20 @@
 
 from __future__ import annotations
 
-import math
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
-import numpy as np
 import torch
 from jsonargparse.typing import NonNegativeInt, PositiveInt
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from dropout_lab.augment import BatchAugment
+from dropout_lab.batches import EpochPermutation, StackedBatchLoader, TensorBatchLoader, epoch_generator
 from dropout_lab.idx import DataError, find_or_install, load_arrays
 
 __all__ = ["EpochPermutation", "FashionMNISTDataModule", "StackedBatchLoader", "TensorBatchLoader", "epoch_generator"]
-
-Batch = tuple[torch.Tensor, torch.Tensor]
-
-
-def epoch_generator(seed: int, epoch: int, stream: int = 0) -> torch.Generator:
-    """A CPU generator seeded by (seed, epoch), so an epoch's draws do not depend on what ran before it.
-
-    ``stream`` selects an independent sequence for the same (seed, epoch): 0 = sample order, 1 = augmentation.
-    """
-    entropy = [seed & 0xFFFFFFFF, epoch] + ([stream] if stream else [])
-    state = np.random.SeedSequence(entropy).generate_state(2, dtype=np.uint32)
-    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
-
-
-class EpochPermutation:
-    """Draws the sample order of an epoch; Lightning calls :meth:`set_epoch` before each training epoch.
-
-    Args:
-        n: number of samples.
-        shuffle: draw a fresh permutation each epoch (else the identity order).
-        seed: base seed; the order of epoch ``e`` depends only on ``(seed, e)``.
-        rank: this process's rank under DDP.
-        world_size: number of processes; each takes every ``world_size``-th index of a padded permutation,
-            so all ranks get the same number of samples (as ``DistributedSampler`` does).
-    """
-
-    def __init__(self, n: int, shuffle: bool, seed: int, rank: int = 0, world_size: int = 1) -> None:
-        self.n, self.shuffle, self.seed = n, shuffle, seed
-        self.rank, self.world_size = rank, world_size
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch whose order :meth:`indices` returns."""
-        self.epoch = epoch
-
-    def num_samples(self) -> int:
-        """Samples this rank sees per epoch."""
-        return math.ceil(self.n / self.world_size)
-
-    def generator(self, stream: int) -> torch.Generator:
-        """A generator for another random stream of the current epoch (e.g. augmentation draws)."""
-        return epoch_generator(self.seed, self.epoch, stream)
-
-    def indices(self) -> torch.Tensor:
-        """This rank's indices for the current epoch (int64, on the CPU)."""
-        if self.shuffle:
-            order = torch.randperm(self.n, generator=epoch_generator(self.seed, self.epoch))
-        else:
-            order = torch.arange(self.n)
-        if self.world_size > 1:
-            total = self.num_samples() * self.world_size
-            if total > self.n:  # pad by repeating the order, as DistributedSampler does
-                order = order.repeat(math.ceil(total / self.n))[:total]
-            order = order[self.rank :: self.world_size]
-        return order
-
-
-class TensorBatchLoader:
-    """Batches by index from uint8 tensors that already sit on the training device.
-
-    Each batch is gathered with one indexing op and converted to float on the device: ``(x, y)`` with ``x``
-    of shape (B, 1, 28, 28) and ``y`` int64. The last partial batch is kept (``drop_last=False``).
-
-    Args:
-        images: uint8 tensor (N, 28, 28) on the target device.
-        labels: int64 tensor (N,) on the same device.
-        batch_size: samples per batch.
-        sampler: the per-epoch order (exposed as ``.sampler`` so Lightning's ``set_epoch`` call reaches it).
-        mean: subtracted after scaling pixels to [0, 1].
-        std: divides after subtracting ``mean``.
-        augment: random flips/translations applied to each batch (training only); draws depend on
-            (seed, epoch) alone.
-    """
-
-    def __init__(
-        self,
-        images: torch.Tensor,
-        labels: torch.Tensor,
-        batch_size: int,
-        sampler: EpochPermutation,
-        mean: float = 0.0,
-        std: float = 1.0,
-        augment: BatchAugment | None = None,
-    ) -> None:
-        self.images, self.labels, self.batch_size, self.sampler = images, labels, batch_size, sampler
-        self.augment = augment if augment is not None and augment.active else None
-        self.batch_sampler = None  # Lightning inspects it; the order comes from ``sampler``
-        self.scale = 1.0 / (255.0 * std)
-        self.shift = mean / std
-
-    def __len__(self) -> int:
-        return math.ceil(self.sampler.num_samples() / self.batch_size)
-
-    def __iter__(self) -> Iterator[Batch]:
-        order = self.sampler.indices().to(self.images.device, non_blocking=True)
-        draws = None
-        if self.augment is not None:
-            draws = self.augment.draw(len(order), self.sampler.generator(stream=1)).to(self.images.device)
-        for start, idx in zip(range(0, len(order), self.batch_size), order.split(self.batch_size), strict=True):
-            images = self.images[idx]
-            if draws is not None:
-                images = self.augment.apply(images, draws.slice(start, start + len(idx)))
-            x = images.unsqueeze(1).to(torch.float32).mul_(self.scale)
-            if self.shift:
-                x.sub_(self.shift)
-            yield x, self.labels[idx]
-
-
-class _EpochFanOut:
-    """The ``sampler`` of a :class:`StackedBatchLoader`: Lightning's ``set_epoch`` reaches every order."""
-
-    def __init__(self, samplers: list[EpochPermutation]) -> None:
-        self.samplers = samplers
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch of every stacked order."""
-        for sampler in self.samplers:
-            sampler.set_epoch(epoch)
-
-
-class StackedBatchLoader:
-    """S training orders side by side, for :class:`~dropout_lab.population.PopulationMLP`: batch ``i`` of each.
-
-    Loader ``s`` yields exactly the batches a single run with ``shuffle_seed`` = seed ``s`` gets (same order, same
-    augmentation draws); they are stacked along a second axis, batch first: ``x`` (B, S, 1, 28, 28) and ``y``
-    (B, S), so splitting a batch into micro-batches along the first axis works as for one order.
-
-    Args:
-        loaders: one :class:`TensorBatchLoader` per order, over the same images and batch size.
-    """
-
-    def __init__(self, loaders: list[TensorBatchLoader]) -> None:
-        self.loaders = loaders
-        self.sampler = _EpochFanOut([loader.sampler for loader in loaders])
-        self.batch_sampler = None  # Lightning inspects it; the orders come from ``sampler``
-
-    def __len__(self) -> int:
-        return len(self.loaders[0])
-
-    def __iter__(self) -> Iterator[Batch]:
-        for batches in zip(*self.loaders, strict=True):
-            xs, ys = zip(*batches, strict=True)
-            yield torch.stack(xs, dim=1), torch.stack(ys, dim=1)
 
 
 def _torchvision_dataset(
