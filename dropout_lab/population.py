@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from dropout_lab.classifier import ClassifierModule
 from dropout_lab.nets import NUM_CLASSES, NUM_INPUTS
-from dropout_lab.stacked import MemberDropout, StackedLinear
+from dropout_lab.stacked import MemberDropout, StackedLinear, member_generators
 from dropout_lab.types import Probability
 
 __all__ = ["MemberDropout", "PopulationMLP", "StackedLinear"]
@@ -50,7 +50,9 @@ class PopulationMLP(ClassifierModule):
         weight_decays: per cell, the L2 weight decay (added to the gradients as ``wd · θ``, exactly as
             ``torch.optim.SGD(weight_decay=wd)`` does); one value applies to every cell.
         members_per_cell: members (seeds) per cell.
-        init_seed: member ``m`` (cells first, then seeds) is initialized from seed ``init_seed + m``.
+        init_seed: member ``m`` (cells first, then seeds) is initialized from seed ``init_seed + m``: a member of
+            seed s starts from the weights a ``DropoutMLP`` of these sizes has when built after
+            ``torch.manual_seed(s)``, which is how a run with ``seed_everything: s`` starts.
         init_seeds: instead of ``init_seed``, one seed per member of a cell (``members_per_cell`` of them): member
             ``c<cell>s<j>`` of every cell is initialized from ``init_seeds[j]``, as a study's run of seed
             ``init_seeds[j]`` starts every cell from the same weights (``study --population`` passes its seeds).
@@ -104,14 +106,13 @@ class PopulationMLP(ClassifierModule):
             member_seeds = [init_seed + m for m in range(self.k)]
         else:
             member_seeds = [int(init_seeds[m % members_per_cell]) for m in range(self.k)]
+        generators = member_generators(member_seeds)  # each consumed layer by layer, as nn.Linear draws
         layers: list[nn.Module] = []
         width = NUM_INPUTS
         for i, size in enumerate(hidden_sizes):
-            seeds = [seed + 1000 * i for seed in member_seeds]
-            layers += [StackedLinear(self.k, width, size, seeds), nn.ReLU(), MemberDropout([p[i] for p in member_p])]
+            layers += [StackedLinear(width, size, generators), nn.ReLU(), MemberDropout([p[i] for p in member_p])]
             width = size
-        seeds = [seed + 1000 * len(hidden_sizes) for seed in member_seeds]
-        layers.append(StackedLinear(self.k, width, NUM_CLASSES, seeds))
+        layers.append(StackedLinear(width, NUM_CLASSES, generators))
         self.net = nn.Sequential(*layers)
         self.loss_fn = nn.CrossEntropyLoss(reduction="none")
         self._sums: dict[str, Tensor] = {}

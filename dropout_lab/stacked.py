@@ -14,29 +14,44 @@ from torch import Tensor, nn
 from dropout_lab.dropout import StochasticModule, apply_mask, keep_multiplier, uniform_like
 from dropout_lab.types import check_probability
 
-__all__ = ["MemberDropout", "StackedLinear"]
+__all__ = ["MemberDropout", "StackedLinear", "linear_init", "member_generators"]
+
+
+def linear_init(in_features: int, out_features: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Weight (out, in) and bias (out,) drawn from ``generator`` as ``nn.Linear.reset_parameters`` draws them."""
+    weight, bias = torch.empty(out_features, in_features), torch.empty(out_features)
+    nn.init.kaiming_uniform_(weight, a=math.sqrt(5), generator=generator)
+    bound = 1.0 / math.sqrt(in_features) if in_features > 0 else 0.0
+    nn.init.uniform_(bias, -bound, bound, generator=generator)
+    return weight, bias
+
+
+def member_generators(seeds: Sequence[int]) -> list[torch.Generator]:
+    """One CPU generator per member, seeded as ``torch.manual_seed(seed)`` seeds the global one."""
+    return [torch.Generator().manual_seed(int(seed)) for seed in seeds]
 
 
 class StackedLinear(nn.Module):
     """K independent linear layers applied to K stacked inputs (K, B, in) → (K, B, out) with one ``baddbmm``.
 
-    Each member is initialized like ``nn.Linear`` (uniform ±1/√in for weight and bias), from its own generator.
+    Member k draws its weight and then its bias from ``generators[k]`` exactly as ``nn.Linear.reset_parameters``
+    draws them from the global generator, so layers built in order from generators seeded with s hold the
+    weights of an MLP of ``nn.Linear`` layers built after ``torch.manual_seed(s)`` (what a run of seed s has).
 
     Args:
-        members: K.
         in_features: input width.
         out_features: output width.
-        seeds: one initialization seed per member.
+        generators: one CPU generator per member (K of them), consumed in order.
     """
 
-    def __init__(self, members: int, in_features: int, out_features: int, seeds: Sequence[int]) -> None:
+    def __init__(self, in_features: int, out_features: int, generators: Sequence[torch.Generator]) -> None:
         super().__init__()
-        bound = 1.0 / math.sqrt(in_features)
+        members = len(generators)
         weight, bias = torch.empty(members, in_features, out_features), torch.empty(members, 1, out_features)
-        for k, seed in enumerate(seeds):
-            g = torch.Generator().manual_seed(int(seed))
-            weight[k].uniform_(-bound, bound, generator=g)
-            bias[k].uniform_(-bound, bound, generator=g)
+        for k, g in enumerate(generators):
+            w, b = linear_init(in_features, out_features, g)
+            weight[k].copy_(w.T)
+            bias[k, 0].copy_(b)
         self.weight, self.bias = nn.Parameter(weight), nn.Parameter(bias)
 
     def forward(self, x: Tensor) -> Tensor:

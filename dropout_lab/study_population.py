@@ -8,12 +8,12 @@ run writes, so the tables and figures are made as for any study.
 
 Each member sees the training order of its seed (``data.shuffle_seeds``: the batches a separate run of that seed
 gets); with a fixed ``data.shuffle_seed`` all members share that order, as such runs do, and with ``loader:
-torch`` they share the first seed's order. What differs from separate runs (and is stated in the report): the
-members share one stream of dropout draws (``seed_everything`` = the first seed), and member ``c<cell>s<j>`` is
-initialized from the j-th seed by :class:`~dropout_lab.stacked.StackedLinear`, not by ``nn.Linear`` under
-``seed_everything``, so seed k's weights are not those of a separate run of seed k. Every cell of one seed starts
-from the same weights, as with separate runs. A run's ``seconds`` is its share (1/K) of the
-population's wall time.
+torch`` they share the first seed's order. Member ``c<cell>s<j>`` starts from the weights of a separate run of
+the j-th seed (:class:`~dropout_lab.stacked.StackedLinear` draws them as ``nn.Linear`` does under
+``seed_everything``), so every cell of one seed starts from the same weights, as with separate runs. What differs
+from separate runs (and is stated in the report): the members share one stream of dropout draws
+(``seed_everything`` = the first seed); without dropout a member reproduces its separate run up to rounding.
+A run's ``seconds`` is its share (1/K) of the population's wall time.
 """
 
 from __future__ import annotations
@@ -176,7 +176,7 @@ def run_population(
     report.append_rows(study.out / "results.csv", report.RESULT_FIELDS, rows)
     note = {"cells": [c.name for c in cells], "seeds": study.seeds, "seconds": round(seconds, 1),
             "members": len(rows), "config": str(path), "resumed": resume,
-            "data_orders": _data_orders(config, extra)}  # fmt: skip
+            "data_orders": _data_orders(config, extra), "init": "as separate runs"}  # fmt: skip
     notes = study.out / report.POPULATION_NOTES
     previous = json.loads(notes.read_text()) if notes.exists() else []
     notes.write_text(json.dumps([*previous, note], indent=1) + "\n")

@@ -223,6 +223,19 @@ def _figure(study: Study, stats: dict[str, CellStats], curves: Rows, rows: Rows)
     return plots.plot_study_curves(panels, title, xlabel="epoch", log_y=True, columns=2)
 
 
+def _init_clause(note: dict) -> str:
+    """How a population's members started and drew their masks, against a separate run of their seed."""
+    if note.get("init") == "as separate runs":
+        return (
+            "each member started from the weights of a separate run of its seed, and the members shared one stream "
+            "of dropout draws, so only the masks differ from a separate run's."
+        )
+    return (  # populations recorded before members were initialized as nn.Linear is under their seed
+        "the members were initialized by StackedLinear and shared one stream of dropout draws, so a seed's weights "
+        "and masks differ from a separate run's."
+    )
+
+
 def _population_note(study: Study, stats: dict[str, CellStats]) -> str:
     """A sentence per ``study --population`` run recorded in ``<out>/population.json`` whose cells are reported."""
     import json
@@ -247,9 +260,7 @@ def _population_note(study: Study, stats: dict[str, CellStats]) -> str:
                 )
             lines.append(
                 f"{which} × seeds {note['seeds']} ran as the {note['members']} members of one PopulationMLP run "
-                f"({note['config']}, {note['seconds']} s wall{resumed}): {order}the members were initialized by "
-                "StackedLinear and shared one stream of dropout draws, so a seed's weights and masks differ from a "
-                "separate run's.\n"
+                f"({note['config']}, {note['seconds']} s wall{resumed}): {order}{_init_clause(note)}\n"
             )
     return "".join(lines)
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 import yaml
 
-from dropout_lab.cli import DropoutLabCLI
 from dropout_lab.cli import main as cli_main
+from dropout_lab.models import DropoutMLP
 from dropout_lab.population import PopulationMLP
 from dropout_lab.study_report import RESULT_FIELDS, read_rows
 
@@ -75,6 +75,7 @@ def test_population_study_writes_the_rows_curves_and_report_of_separate_runs(
     text = (out / "s.md").read_text()
     assert "Every cell × seeds [3, 5] ran as the 4 members of one PopulationMLP run" in text
     assert "each member trained on the data order of its seed" in text
+    assert "each member started from the weights of a separate run of its seed" in text
     assert yaml.safe_load((out / "population.yaml").read_text())["data"]["shuffle_seeds"] == [3, 5]
     assert text.count(" ± ") >= 6 and (out / "s.png").stat().st_size > 1000
     assert "PopulationMLP" in (out / "population.yaml").read_text()
@@ -83,30 +84,31 @@ def test_population_study_writes_the_rows_curves_and_report_of_separate_runs(
     assert "4 done, 0 to run" in capsys.readouterr().out and len(read_rows(out / "results.csv")) == 4
 
 
-def test_every_member_equals_a_run_of_its_own(tmp_path: Path, tv_data_dir: Path) -> None:
-    """Cell ↔ member ↔ seed mapping: each deterministic member against a one-member population of its (wd, seed).
+def test_without_dropout_every_member_is_the_separate_run_of_its_cell_and_seed(
+    tmp_path: Path, tv_data_dir: Path
+) -> None:
+    """The same deterministic study (no dropout, two weight decays) as separate runs and as one population.
 
-    The one-member run gets the seed's initialization and the seed's data order (``data.shuffle_seeds``), as the
-    member does inside the population.
+    Without dropout nothing is drawn during training, so each member, which starts from its seed's weights
+    and trains on its seed's data order, must reproduce the separate run of its (cell, seed) up to rounding
+    (``baddbmm`` against ``nn.Linear``).
     """
     argv, out = study_argv(tmp_path, tv_data_dir, DETERMINISTIC)
     cli_main(argv)
-    rows = {(r["cell"], int(r["seed"])): r for r in read_rows(out / "results.csv")}
-    assert len(rows) == 4
-    losses = set()
-    for (cell, seed), row in rows.items():
-        wd = 0.05 if cell.startswith("weight_decay=0.05") else 0.0
-        args = ["fit", "--config", str(out / "population.yaml"), "--data.data_dir", str(tv_data_dir), *RUN_ARGS]
-        args += ["--trainer.max_epochs=2", "--model.init_args.dropouts=[[0.0, 0.0]]", "--seed_everything=3",
-                 "--model.init_args.members_per_cell=1", f"--model.init_args.init_seeds=[{seed}]",
-                 f"--model.init_args.weight_decays=[{wd}]", f"--data.shuffle_seeds=[{seed}]",
-                 f"--trainer.logger.init_args.save_dir={tmp_path}/one"]  # fmt: skip
-        cli = DropoutLabCLI(args=args)
-        alone = cli.trainer.callback_metrics
-        assert float(row["test_loss"]) == pytest.approx(float(alone["test/loss"]), rel=1e-5), (cell, seed)
-        assert float(row["test_acc"]) == pytest.approx(float(alone["test/acc"]), abs=0.011)  # one image at most
-        losses.add(round(float(row["test_loss"]), 5))
-    assert len(losses) == 4  # the two seeds and the two weight decays all changed the result
+    separate = tmp_path / "separate"
+    cli_main([*argv[: argv.index("--out") + 1], str(separate), "--logdir", str(tmp_path / "logs2"), *argv[-3:]])
+    members = {(r["cell"], r["seed"]): r for r in read_rows(out / "results.csv")}
+    runs = {(r["cell"], r["seed"]): r for r in read_rows(separate / "results.csv")}
+    assert len(members) == 4 and members.keys() == runs.keys()
+    for key, row in members.items():
+        assert float(row["test_loss"]) == pytest.approx(float(runs[key]["test_loss"]), rel=1e-4), key
+        assert float(row["test_acc"]) == pytest.approx(float(runs[key]["test_acc"]), abs=0.011)  # one image at most
+    curves = [read_rows(d / "curves.csv") for d in (out, separate)]
+    key = ("cell", "seed", "step")
+    val = [{tuple(c[k] for k in key): float(c["value"]) for c in rows if c["tag"] == "val/loss"} for rows in curves]
+    assert len(val[0]) == 8 and val[0].keys() == val[1].keys()  # 2 epochs × 4 runs
+    assert all(v == pytest.approx(val[1][key], rel=1e-4) for key, v in val[0].items())
+    assert len({round(float(r["test_loss"]), 5) for r in members.values()}) == 4  # seeds and decays all matter
 
 
 def test_a_crashed_population_resumes_from_its_last_checkpoint(tmp_path: Path, tv_data_dir: Path, capsys) -> None:
@@ -187,5 +189,11 @@ def test_init_seeds_start_every_cell_of_a_seed_from_the_same_weights() -> None:
     assert not torch.equal(first[0], first[1])
     seeded = PopulationMLP((16,), [(0.5,)], members_per_cell=2, init_seed=7)  # init_seed + m: 7, 8
     assert torch.equal(seeded.net[0].weight[0], first[0]) and not torch.equal(seeded.net[0].weight[1], first[1])
+    torch.manual_seed(9)  # what seed_everything(9) does before the CLI builds a separate run's model
+    alone = [m for m in DropoutMLP(hidden_sizes=(16,), dropouts=(0.5,)).net if isinstance(m, torch.nn.Linear)]
+    for linear, stacked in zip(alone, [model.net[0], model.net[3]], strict=True):
+        for member in (1, 3, 5):  # c0s1, c1s1, c2s1: seed 9
+            assert torch.equal(stacked.weight[member], linear.weight.T)
+            assert torch.equal(stacked.bias[member, 0], linear.bias)
     with pytest.raises(ValueError, match=r"model\.init_seeds: give one seed per member"):
         PopulationMLP((16,), [(0.5,)], members_per_cell=2, init_seeds=[1, 2, 3])
