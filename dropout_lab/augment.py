@@ -19,7 +19,10 @@ MAX_SHIFT = 14  # half the image side: a larger translation leaves nothing of a 
 
 @dataclass
 class AugmentDraws:
-    """The random choices for a run of samples: ``flips`` (N,) bool, ``shifts`` (N, 2) int64 (rows, cols)."""
+    """The random choices for a run of samples: ``flips`` (N,) bool, ``shifts`` (N, 2) int64 (rows, cols).
+
+    Stacked draws (:meth:`stack`) have one more axis after N: (N, S) and (N, S, 2).
+    """
 
     flips: torch.Tensor | None
     shifts: torch.Tensor | None
@@ -31,6 +34,18 @@ class AugmentDraws:
     def slice(self, start: int, stop: int) -> AugmentDraws:
         """The draws of samples ``start:stop``."""
         return AugmentDraws(*(None if t is None else t[start:stop] for t in self._fields()))
+
+    def flatten(self) -> AugmentDraws:
+        """The draws of stacked rows (N, S, ...) as N·S rows, row-major (the order of ``images.flatten(0, 1)``)."""
+        flips = None if self.flips is None else self.flips.reshape(-1)
+        shifts = None if self.shifts is None else self.shifts.reshape(-1, 2)
+        return AugmentDraws(flips, shifts)
+
+    @staticmethod
+    def stack(draws: list[AugmentDraws]) -> AugmentDraws:
+        """S runs of draws of N samples each side by side: fields of shape (N, S) and (N, S, 2)."""
+        fields = [d._fields() for d in draws]
+        return AugmentDraws(*(None if ts[0] is None else torch.stack(ts, dim=1) for ts in zip(*fields, strict=True)))
 
     def _fields(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         return self.flips, self.shifts

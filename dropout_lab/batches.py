@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from dropout_lab.augment import BatchAugment
+from dropout_lab.augment import AugmentDraws, BatchAugment
 
 __all__ = ["Batch", "EpochPermutation", "StackedBatchLoader", "TensorBatchLoader", "epoch_generator"]
 
@@ -104,16 +104,41 @@ class TensorBatchLoader:
     def __len__(self) -> int:
         return math.ceil(self.sampler.num_samples() / self.batch_size)
 
+    def same_source(self, other: TensorBatchLoader) -> bool:
+        """Whether ``other`` gathers the same tensors with the same batch size, scaling and augmentation."""
+
+        def settings(x: TensorBatchLoader) -> tuple:
+            augment = None if x.augment is None else (x.augment.hflip, x.augment.max_shift)
+            return x.batch_size, x.scale, x.shift, augment
+
+        return self.images is other.images and self.labels is other.labels and settings(self) == settings(other)
+
     def __iter__(self) -> Iterator[Batch]:
-        order = self.sampler.indices().to(self.images.device, non_blocking=True)
-        draws = None
-        if self.augment is not None:
-            draws = self.augment.draw(len(order), self.sampler.generator(stream=1)).to(self.images.device)
+        # a generator: the epoch's order is drawn at the first batch, after Lightning's ``set_epoch``
+        yield from self.batches(self.sampler.indices(), self._draws(self.sampler))
+
+    def _draws(self, sampler: EpochPermutation) -> AugmentDraws | None:
+        """The augmentation draws of ``sampler``'s current epoch (None without augmentation)."""
+        if self.augment is None:
+            return None
+        return self.augment.draw(sampler.num_samples(), sampler.generator(stream=1))
+
+    def batches(self, order: torch.Tensor, draws: AugmentDraws | None) -> Iterator[Batch]:
+        """Batches along the first axis of ``order``: (N,) for one order, or (N, S) for S orders side by side.
+
+        Each batch costs one gather, the augmentation (if any) and one float conversion, whatever S is; ``x`` has
+        shape ``order[i:j].shape + (1, 28, 28)`` and ``y`` the shape of ``order[i:j]``. ``draws`` holds one row per
+        entry of ``order`` (leading shape of ``order``).
+        """
+        order = order.to(self.images.device, non_blocking=True)
+        if draws is not None:
+            draws = draws.to(self.images.device)
         for start, idx in zip(range(0, len(order), self.batch_size), order.split(self.batch_size), strict=True):
-            images = self.images[idx]
+            images = self.images[idx]  # idx.shape + (H, W)
             if draws is not None:
-                images = self.augment.apply(images, draws.slice(start, start + len(idx)))
-            x = images.unsqueeze(1).to(torch.float32).mul_(self.scale)
+                flat = self.augment.apply(images.flatten(0, -3), draws.slice(start, start + len(idx)).flatten())
+                images = flat.reshape(images.shape)
+            x = images.unsqueeze(-3).to(torch.float32).mul_(self.scale)
             if self.shift:
                 x.sub_(self.shift)
             yield x, self.labels[idx]
@@ -151,6 +176,14 @@ class StackedBatchLoader:
         return len(self.loaders[0])
 
     def __iter__(self) -> Iterator[Batch]:
+        first = self.loaders[0]
+        if all(first.same_source(loader) for loader in self.loaders[1:]):
+            # one gather per batch for all S orders (fewer kernel launches than S gathers and a stack)
+            samplers = [loader.sampler for loader in self.loaders]
+            order = torch.stack([sampler.indices() for sampler in samplers], dim=1)  # (N, S)
+            draws = [first._draws(sampler) for sampler in samplers]
+            yield from first.batches(order, None if draws[0] is None else AugmentDraws.stack(draws))
+            return
         for batches in zip(*self.loaders, strict=True):
             xs, ys = zip(*batches, strict=True)
             yield torch.stack(xs, dim=1), torch.stack(ys, dim=1)

@@ -8,6 +8,8 @@ import lightning as L
 import pytest
 import torch
 
+from dropout_lab.augment import BatchAugment
+from dropout_lab.batches import EpochPermutation, TensorBatchLoader
 from dropout_lab.data import FashionMNISTDataModule, StackedBatchLoader
 from dropout_lab.population import PopulationMLP
 
@@ -38,6 +40,45 @@ def test_each_stacked_order_is_the_batches_of_a_run_with_that_seed(tv_data_dir: 
     dm = module(tv_data_dir, shuffle_seeds=seeds)
     x, y = next(iter(dm.val_dataloader()))
     assert x.shape == (64, 1, 28, 28) and y.shape == (64,)  # evaluation batches are not stacked
+
+
+@pytest.mark.parametrize("augment", [None, BatchAugment(hflip=True, max_shift=3)])
+@pytest.mark.parametrize(("rank", "world"), [(0, 1), (1, 2)])
+def test_one_gather_for_all_orders_gives_the_batches_of_stacking_them(augment, rank: int, world: int) -> None:
+    """The fused path (one gather of an (N, S) order per batch) yields, bit for bit, the stack of S loaders' batches.
+
+    The per-order fallback runs when the loaders do not share their tensors (here: equal copies), so both paths see
+    the same images, orders and augmentation draws; 203 samples in batches of 50 leave a partial last batch.
+    """
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (203, 28, 28), dtype=torch.uint8, generator=g)
+    labels = torch.randint(0, 10, (203,), generator=g)
+
+    def loaders(copies: bool) -> list[TensorBatchLoader]:
+        return [
+            TensorBatchLoader(
+                images.clone() if copies else images,
+                labels.clone() if copies else labels,
+                50,
+                EpochPermutation(203, shuffle=True, seed=seed, rank=rank, world_size=world),
+                mean=0.3,
+                std=0.4,
+                augment=augment,
+            )
+            for seed in (4, 8, 15)
+        ]
+
+    fused, fallback = StackedBatchLoader(loaders(False)), StackedBatchLoader(loaders(True))
+    assert fused.loaders[0].same_source(fused.loaders[2]) and not fallback.loaders[0].same_source(fallback.loaders[1])
+    for epoch in (0, 3):
+        fused.sampler.set_epoch(epoch)
+        fallback.sampler.set_epoch(epoch)
+        pairs = list(zip(fused, fallback, strict=True))
+        assert len(pairs) == len(fused) == (5 if world == 1 else 3)
+        assert pairs[-1][0][0].shape == ((3 if world == 1 else 2), 3, 1, 28, 28)  # the partial last batch
+        for (x, y), (x_ref, y_ref) in pairs:
+            assert x.shape == x_ref.shape and torch.equal(x, x_ref) and torch.equal(y, y_ref)
+        assert not torch.equal(pairs[0][0][0][:, 0], pairs[0][0][0][:, 1])  # the orders differ
 
 
 @pytest.mark.parametrize(
