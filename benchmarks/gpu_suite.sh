@@ -7,7 +7,8 @@
 #   speed-mlp    benchmarks/speed.py --model mlp: every training path, DataLoader with 0 and 4 workers
 #   speed-lenet  benchmarks/speed.py --model lenet
 #   ops          benchmarks/ops_per_step.py (MLP, LeNet, population): computing and syncing ops per step on CUDA
-#                tensors; benchmarks/accuracy_update.py: TopOneAccuracy vs MulticlassAccuracy, µs per update
+#                tensors; benchmarks/accuracy_update.py: TopOneAccuracy vs MulticlassAccuracy, µs per update;
+#                benchmarks/stacked_loader.py: stacked training orders, one gather vs S gathers + stack
 #   compile      benchmarks/compile_step.py --mode reduce-overhead: one step eager vs CUDA graphs, p = 0 and 0.5
 #   mc           benchmarks/mc_dropout.py: vectorized mc_predict (with and without prefix sharing) vs a loop of
 #                T forwards; benchmarks/dropout_kernel.py: F.dropout vs uniform masks on CUDA (cpu_only's reason)
@@ -75,7 +76,8 @@ for stage in "${stages[@]}"; do
             run ops-mlp "$py" benchmarks/ops_per_step.py --model mlp --device gpu
             run ops-lenet "$py" benchmarks/ops_per_step.py --model lenet --device gpu
             run ops-population "$py" benchmarks/ops_per_step.py --model population --device gpu
-            run accuracy-update "$py" benchmarks/accuracy_update.py --device gpu ;;
+            run accuracy-update "$py" benchmarks/accuracy_update.py --device gpu
+            run stacked-loader "$py" benchmarks/stacked_loader.py --orders 3 5 24 --device gpu ;;
         speed-mlp) run speed-mlp "$py" benchmarks/speed.py --model mlp --rounds 3 --workers 0 4 ;;
         speed-lenet) run speed-lenet "$py" benchmarks/speed.py --model lenet --rounds 3 --workers 4 ;;
         compile) run compile "$py" benchmarks/compile_step.py --mode reduce-overhead --device gpu ;;

@@ -227,8 +227,9 @@ def _init_clause(note: dict) -> str:
     """How a population's members started and drew their masks, against a separate run of their seed."""
     if note.get("init") == "as separate runs":
         return (
-            "each member started from the weights of a separate run of its seed, and the members shared one stream "
-            "of dropout draws, so only the masks differ from a separate run's."
+            "each member also started from the weights of a separate run of its seed; the members shared one stream "
+            "of dropout draws, so a member differs from a separate run in its masks and in float rounding (batched "
+            "matmuls), which training amplifies."
         )
     return (  # populations recorded before members were initialized as nn.Linear is under their seed
         "the members were initialized by StackedLinear and shared one stream of dropout draws, so a seed's weights "

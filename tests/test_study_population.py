@@ -75,7 +75,8 @@ def test_population_study_writes_the_rows_curves_and_report_of_separate_runs(
     text = (out / "s.md").read_text()
     assert "Every cell × seeds [3, 5] ran as the 4 members of one PopulationMLP run" in text
     assert "each member trained on the data order of its seed" in text
-    assert "each member started from the weights of a separate run of its seed" in text
+    assert "each member also started from the weights of a separate run of its seed" in text
+    assert "differs from a separate run in its masks and in float rounding" in text
     assert yaml.safe_load((out / "population.yaml").read_text())["data"]["shuffle_seeds"] == [3, 5]
     assert text.count(" ± ") >= 6 and (out / "s.png").stat().st_size > 1000
     assert "PopulationMLP" in (out / "population.yaml").read_text()
