@@ -115,9 +115,9 @@ class TensorBatchLoader:
 
     def __iter__(self) -> Iterator[Batch]:
         # a generator: the epoch's order is drawn at the first batch, after Lightning's ``set_epoch``
-        yield from self.batches(self.sampler.indices(), self._draws(self.sampler))
+        yield from self.batches(self.sampler.indices(), self.epoch_draws(self.sampler))
 
-    def _draws(self, sampler: EpochPermutation) -> AugmentDraws | None:
+    def epoch_draws(self, sampler: EpochPermutation) -> AugmentDraws | None:
         """The augmentation draws of ``sampler``'s current epoch (None without augmentation)."""
         if self.augment is None:
             return None
@@ -181,7 +181,7 @@ class StackedBatchLoader:
             # one gather per batch for all S orders (fewer kernel launches than S gathers and a stack)
             samplers = [loader.sampler for loader in self.loaders]
             order = torch.stack([sampler.indices() for sampler in samplers], dim=1)  # (N, S)
-            draws = [first._draws(sampler) for sampler in samplers]
+            draws = [first.epoch_draws(sampler) for sampler in samplers]
             yield from first.batches(order, None if draws[0] is None else AugmentDraws.stack(draws))
             return
         for batches in zip(*self.loaders, strict=True):

@@ -198,8 +198,8 @@ def _parser() -> argparse.ArgumentParser:
         help="train all cells × seeds as the members of ONE PopulationMLP run (stacked weights, batched matmuls, "
         "one process) instead of separate runs: for DropoutMLP studies whose cells vary only "
         "model.init_args.dropouts and the SGD weight_decay (swap, weight_decay); each member starts from its seed's "
-        "initial weights and trains on its seed's data order, "
-        "as a separate run does, and the members share one stream of dropout draws",
+        "initial weights and trains on its seed's data order, as a separate run does, and the members share one "
+        "stream of dropout draws",
     )
     return parser
 
