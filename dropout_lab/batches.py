@@ -115,13 +115,13 @@ class TensorBatchLoader:
 
     def __iter__(self) -> Iterator[Batch]:
         # a generator: the epoch's order is drawn at the first batch, after Lightning's ``set_epoch``
-        yield from self.batches(self.sampler.indices(), self.epoch_draws(self.sampler))
+        yield from self.batches(self.sampler.indices(), self.epoch_draws())
 
-    def epoch_draws(self, sampler: EpochPermutation) -> AugmentDraws | None:
-        """The augmentation draws of ``sampler``'s current epoch (None without augmentation)."""
+    def epoch_draws(self) -> AugmentDraws | None:
+        """The augmentation draws of the sampler's current epoch (None without augmentation)."""
         if self.augment is None:
             return None
-        return self.augment.draw(sampler.num_samples(), sampler.generator(stream=1))
+        return self.augment.draw(self.sampler.num_samples(), self.sampler.generator(stream=1))
 
     def batches(self, order: torch.Tensor, draws: AugmentDraws | None) -> Iterator[Batch]:
         """Batches along the first axis of ``order``: (N,) for one order, or (N, S) for S orders side by side.
@@ -179,9 +179,8 @@ class StackedBatchLoader:
         first = self.loaders[0]
         if all(first.same_source(loader) for loader in self.loaders[1:]):
             # one gather per batch for all S orders (fewer kernel launches than S gathers and a stack)
-            samplers = [loader.sampler for loader in self.loaders]
-            order = torch.stack([sampler.indices() for sampler in samplers], dim=1)  # (N, S)
-            draws = [first.epoch_draws(sampler) for sampler in samplers]
+            order = torch.stack([loader.sampler.indices() for loader in self.loaders], dim=1)  # (N, S)
+            draws = [loader.epoch_draws() for loader in self.loaders]
             yield from first.batches(order, None if draws[0] is None else AugmentDraws.stack(draws))
             return
         for batches in zip(*self.loaders, strict=True):
