@@ -1,7 +1,7 @@
-"""Speed callbacks for every LightningModule here: ``CompileModule`` and ``UniformDropoutMasks``.
+"""Speed callbacks for every LightningModule here: ``CompileModule``, ``UniformDropoutMasks`` and ``EpochTimer``.
 
 ``CompileModule`` runs ``torch.compile`` for ``fit``; ``UniformDropoutMasks`` draws cheaper dropout masks on the
-CPU.
+CPU; ``EpochTimer`` measures what they buy: seconds per training epoch, logged and summarized after ``fit``.
 
 The other speed options live where they act: ``model.micro_batch_size`` in
 :class:`~dropout_lab.classifier.ClassifierModule`, ``--float32_matmul_precision`` in the CLI,
@@ -11,15 +11,19 @@ README's *Performance* section lists what each one measured.
 
 from __future__ import annotations
 
-from typing import Literal
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
 from dropout_lab.dropout import Dropout
 
-__all__ = ["CompileMode", "CompileModule", "UniformDropoutMasks"]
+__all__ = ["CompileMode", "CompileModule", "EpochTime", "EpochTimer", "UniformDropoutMasks"]
 
 CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 
@@ -110,3 +114,144 @@ class UniformDropoutMasks(Callback):
         for m in self._switched:
             m.uniform_masks = False
         self._switched = []
+
+
+FASHION_MNIST_TRAIN = 60_000  # the unit of the README's speed tables: seconds per 60k training images
+
+
+@dataclass(frozen=True)
+class EpochTime:
+    """One timed training epoch.
+
+    Attributes:
+        epoch: the Trainer's epoch number (0-based).
+        train_s: wall seconds of the epoch's training steps (validation during the epoch excluded).
+        epoch_s: wall seconds from the epoch's start to its end, validation included.
+        images: training images of the epoch (per model: a population's members share each batch's rows).
+    """
+
+    epoch: int
+    train_s: float
+    epoch_s: float
+    images: int
+
+    @property
+    def images_per_s(self) -> float:
+        """Training throughput of the epoch."""
+        return self.images / self.train_s if self.train_s > 0 else float("nan")
+
+
+class EpochTimer(Callback):
+    """Seconds per training epoch: logged at every epoch end and summarized after ``fit``.
+
+    Each epoch records the wall time of its training steps (validation run during the epoch is timed apart and
+    left out) and of the whole epoch with validation, from ``on_train_epoch_start`` to ``on_train_epoch_end``
+    (checkpoints written after that hook are not counted). On a CUDA device it waits for the GPU at those points
+    only, never inside a step, so the times include the queued GPU work while the steps keep no host sync. The
+    first epoch a process runs also pays compilation, CUDA-graph capture and warm-up; the summary printed after
+    ``fit`` shows it apart and gives the median of the later epochs (the steady state) and the training
+    throughput, also as seconds per 60k images, the unit of the README's speed tables. Add it with
+    ``--trainer.callbacks+=dropout_lab.speed.EpochTimer``.
+
+    Args:
+        log: also write ``time/train_epoch_s``, ``time/epoch_s`` and ``time/train_images_per_s`` to the
+            Trainer's loggers at every epoch end (x-axis: optimizer steps).
+        verbose: print the summary after ``fit`` (on the global rank zero).
+    """
+
+    def __init__(self, log: bool = True, verbose: bool = True) -> None:
+        self.log, self.verbose = log, verbose
+        self.epochs: list[EpochTime] = []
+        self._start: float | None = None
+        self._validation_start: float | None = None
+        self._validation_s = 0.0
+        self._images = 0
+
+    @staticmethod
+    def _now(pl_module: L.LightningModule) -> float:
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)
+        return time.perf_counter()
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Start the epoch's clock."""
+        self._validation_s, self._images = 0.0, 0
+        self._start = self._now(pl_module)
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        """Count the batch's images (a shape read: no host sync)."""
+        self._images += _batch_rows(batch)
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Stop counting training time while an in-epoch validation runs (not the sanity check before fit)."""
+        if self._start is not None and not trainer.sanity_checking:
+            self._validation_start = self._now(pl_module)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Add the validation's time to the epoch's validation share."""
+        if self._validation_start is not None:
+            self._validation_s += self._now(pl_module) - self._validation_start
+            self._validation_start = None
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Record (and log) the epoch."""
+        if self._start is None:
+            return
+        epoch_s = self._now(pl_module) - self._start
+        self._start = None
+        record = EpochTime(trainer.current_epoch, epoch_s - self._validation_s, epoch_s, self._images)
+        self.epochs.append(record)
+        if self.log:
+            metrics = {
+                "time/train_epoch_s": record.train_s,
+                "time/epoch_s": record.epoch_s,
+                "time/train_images_per_s": record.images_per_s,
+            }
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=trainer.global_step)
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Print the summary."""
+        if self.verbose and trainer.is_global_zero and self.epochs:
+            print(self.summary(), flush=True)
+
+    def steady(self) -> list[EpochTime]:
+        """The epochs after this process's first (which pays compilation and warm-up); all if only one ran."""
+        return self.epochs[1:] or self.epochs
+
+    def summary(self) -> str:
+        """The first epoch, then the median of the steady epochs: training s, s per 60k images, s with validation."""
+        first, steady = self.epochs[0], self.steady()
+        train = statistics.median(e.train_s for e in steady)
+        whole = statistics.median(e.epoch_s for e in steady)
+        rate = statistics.median(e.images_per_s for e in steady)
+        images = statistics.median(e.images for e in steady)
+        head = f"EpochTimer: first epoch {first.train_s:.3f} s of training ({first.epoch_s:.3f} s with validation)"
+        if len(self.epochs) == 1:
+            return head + "; one epoch only, so no steady state apart from compilation and warm-up"
+        later = (
+            f"epochs {steady[0].epoch + 1}-{steady[-1].epoch + 1}"
+            if len(steady) > 1
+            else f"epoch {steady[0].epoch + 1}"
+        )
+        return (
+            f"{head}; {later} (median of {len(steady)}): {train:.3f} s of training for {images:.0f} images = "
+            f"{rate:.0f} images/s = {FASHION_MNIST_TRAIN / rate:.3f} s per 60k images; {whole:.3f} s with "
+            "validation"
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        """Nothing to resume: a resumed run times its own epochs (its first again pays the warm-up)."""
+        return {}
+
+
+def _batch_rows(batch: Any) -> int:
+    """Rows of a training batch: the labels' last dimension (``(B,)``, or ``(S, B)`` for stacked orders)."""
+    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[-1], torch.Tensor):
+        labels = batch[-1]
+        return int(labels.shape[-1]) if labels.ndim else 1
+    if isinstance(batch, torch.Tensor):
+        return int(batch.shape[0])
+    return 0

@@ -7,6 +7,8 @@ CUDA); they are skipped without CUDA and left out of the default run (``-m gpu``
 from __future__ import annotations
 
 import math
+import statistics
+import time
 from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
@@ -16,6 +18,7 @@ import pytest
 import torch
 import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 from torch._dynamo.utils import counters
@@ -35,7 +38,7 @@ from dropout_lab.models import (
 )
 from dropout_lab.population import PopulationMLP
 from dropout_lab.reliability import DivergenceError, DivergenceGuard, RNGStateCheckpoint
-from dropout_lab.speed import CompileModule, UniformDropoutMasks
+from dropout_lab.speed import CompileModule, EpochTimer, UniformDropoutMasks, _batch_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -350,6 +353,79 @@ def test_validation_every_second_epoch(tmp_path: Path, synthetic_env: None) -> N
 
     (acc,) = [EventAccumulator(str(e)).Reload() for e in events]
     assert [e.step for e in acc.Scalars("val/acc")] == [2 * math.ceil(500 / 256) - 1, 4 * math.ceil(500 / 256) - 1]
+
+
+class SlowValidation(L.Callback):
+    """Sleeps after every validation batch, so the validation share of an epoch has a known lower bound."""
+
+    pause_s = 0.05
+
+    def __init__(self) -> None:
+        self.batches = 0
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if not trainer.sanity_checking:
+            self.batches += 1
+        time.sleep(self.pause_s)
+
+
+class MetricsSink(Logger):
+    """A logger that keeps what ``log_metrics`` got."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows: list[tuple[int, dict[str, float]]] = []
+
+    name, version = "sink", 0
+
+    @property
+    def experiment(self) -> None:
+        return None
+
+    def log_hyperparams(self, params, *args, **kwargs) -> None:
+        pass
+
+    def log_metrics(self, metrics, step=None) -> None:
+        self.rows.append((step, dict(metrics)))
+
+
+def test_epoch_timer_times_training_apart_from_validation(synthetic_env: None,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    """Three epochs of 500 images: every epoch recorded, its validation (slowed by a known sleep, sanity check
+    excluded) left out of the training time, the times logged per epoch and the steady median printed."""
+    timer, slow, sink = EpochTimer(), SlowValidation(), MetricsSink()
+    L.seed_everything(0, verbose=False)
+    trainer = L.Trainer(max_epochs=3, accelerator="cpu", devices=1, logger=sink, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=1,
+                        callbacks=[timer, slow])  # fmt: skip
+    start = time.perf_counter()
+    trainer.fit(DropoutMLP(micro_batch_size=64), FashionMNISTDataModule(batch_size=128, val_size=100))
+    wall = time.perf_counter() - start
+    assert [e.epoch for e in timer.epochs] == [0, 1, 2]
+    assert [e.images for e in timer.epochs] == [500, 500, 500]
+    val_batches_per_epoch = slow.batches // 3
+    assert slow.batches == 3 * val_batches_per_epoch > 0
+    for e in timer.epochs:
+        validation = e.epoch_s - e.train_s
+        # every epoch's validation slept val_batches · pause; the sanity check's sleep is not in epoch 0
+        assert val_batches_per_epoch * slow.pause_s <= validation < (val_batches_per_epoch + 1) * slow.pause_s + 1.0
+        assert e.images_per_s == pytest.approx(500 / e.train_s)
+    assert sum(e.epoch_s for e in timer.epochs) < wall
+    logged = [(step, m) for step, m in sink.rows if "time/train_epoch_s" in m]
+    assert [step for step, _ in logged] == [8, 16, 24]  # optimizer steps: ceil(500 / 64) per epoch
+    assert [m["time/epoch_s"] for _, m in logged] == [e.epoch_s for e in timer.epochs]
+    out = capsys.readouterr().out
+    steady = statistics.median(e.train_s for e in timer.epochs[1:])
+    assert f"epochs 2-3 (median of 2): {steady:.3f} s of training for 500 images" in out
+    assert f"{60_000 / statistics.median(e.images_per_s for e in timer.epochs[1:]):.3f} s per 60k images" in out
+
+
+def test_epoch_timer_counts_the_rows_of_stacked_orders() -> None:
+    """(S, B) labels of stacked training orders count B images per model; (B,) labels count B."""
+    x = torch.zeros(3, 7, 1, 28, 28)
+    assert _batch_rows((x, torch.zeros(3, 7, dtype=torch.long))) == 7
+    assert _batch_rows([x[0], torch.zeros(7, dtype=torch.long)]) == 7
+    assert _batch_rows(torch.zeros(5, 4)) == 5
 
 
 # ------------------------------------------------------------------------------------------------- GPU only
