@@ -28,25 +28,23 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-from speed import EpochTimer  # noqa: E402
 
 from dropout_lab.data import FashionMNISTDataModule  # noqa: E402
 from dropout_lab.models import DropoutMLP  # noqa: E402
 from dropout_lab.population import PopulationMLP  # noqa: E402
+from dropout_lab.speed import EpochTimer  # noqa: E402
 
 SWAP = [[0.5, 0.5], [0.3, 0.5], [0.5, 0.3], [0.1, 0.5], [0.5, 0.1], [0.1, 0.9], [0.0, 0.0]]
 
 
 def epoch_time(model: L.LightningModule, data_dir: str, accelerator: str, precision: str = "32-true") -> float:
     """Second-epoch wall time of a 2-epoch fit."""
-    timer = EpochTimer()
+    timer = EpochTimer(log=False, verbose=False)
     trainer = L.Trainer(accelerator=accelerator, devices=1, max_epochs=2, logger=False, enable_checkpointing=False,
                         enable_model_summary=False, enable_progress_bar=False, callbacks=[timer],
                         precision=precision)  # fmt: skip
     trainer.fit(model, FashionMNISTDataModule(data_dir=data_dir, val_size=0))
-    return timer.times[-1]
+    return timer.epochs[-1].train_s
 
 
 def main() -> None:

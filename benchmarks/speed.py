@@ -49,24 +49,9 @@ from dropout_lab.classifier import ClassifierModule  # noqa: E402
 from dropout_lab.data import FashionMNISTDataModule  # noqa: E402
 from dropout_lab.idx import find_or_install, load_arrays  # noqa: E402
 from dropout_lab.models import DropoutMLP, LeNet  # noqa: E402
-from dropout_lab.speed import CompileModule, UniformDropoutMasks  # noqa: E402
+from dropout_lab.speed import CompileModule, EpochTimer, UniformDropoutMasks  # noqa: E402
 
 BATCH, N_TRAIN = 256, 60_000
-
-
-class EpochTimer(L.Callback):
-    """Records the wall time of every training epoch (synchronizing CUDA at both ends)."""
-
-    def __init__(self) -> None:
-        self.times: list[float] = []
-
-    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        _sync()
-        self.start = time.perf_counter()
-
-    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        _sync()
-        self.times.append(time.perf_counter() - self.start)
 
 
 def _sync() -> None:
@@ -114,7 +99,7 @@ class TrainerPath:
         """Steady-epoch seconds of a ``--epochs``-epoch fit, scaled to a full epoch."""
         torch._dynamo.reset()  # every compiled path starts from an empty cache (no recompile limit carried over)
         L.seed_everything(0, verbose=False)
-        timer = EpochTimer()
+        timer = EpochTimer(log=False, verbose=False)
         switches = {} if self.barebones else {"logger": False, "enable_checkpointing": False}
         trainer = L.Trainer(
             accelerator=accelerator,
@@ -138,7 +123,7 @@ class TrainerPath:
         )  # fmt: skip
         trainer.fit(make_model(args.model, self.fused, micro), data)
         steps = trainer.num_training_batches * self.micro
-        return timer.times[-1] * math.ceil(N_TRAIN / BATCH) / min(steps, math.ceil(N_TRAIN / BATCH))
+        return timer.epochs[-1].train_s * math.ceil(N_TRAIN / BATCH) / min(steps, math.ceil(N_TRAIN / BATCH))
 
 
 def bare_epoch(args: argparse.Namespace, device: torch.device, compile_mode: str | None, fused: bool) -> float:
