@@ -32,8 +32,9 @@
 # where PyPI is reachable. Logs go to $OUT (default results/gpu), one file per command.
 # Environment: PYTHON (interpreter, default python3); SUITE_DEVICE (gpu, or cpu to rehearse the suite on a
 # machine without one; default gpu); SUITE_DEADLINE_S (skip the commands that would start after this many
-# seconds; default none); COMMAND_TIMEOUT_S (stop a command after this many seconds, default 420); DRY_RUN=1
-# (print the commands only).
+# seconds; default none); COMMAND_TIMEOUT_S (stop a command after this many seconds, default 420);
+# SUITE_FIT_ARGS (more arguments for every `fit` of fit-* and population-*, e.g. "--trainer.max_epochs 2" for a
+# quick rehearsal); DRY_RUN=1 (print the commands only).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 stages=("$@")
@@ -93,7 +94,7 @@ population_study() {  # the swap study (8 cells x seeds 0-2) through `study --po
     tmp=$(mktemp -d)
     "$py" -m dropout_lab study --config configs/studies/swap.yaml --seeds 0 1 2 --population --out "$tmp/out" \
         --logdir "$tmp/logs" -- --trainer.accelerator "$dev" --trainer.enable_progress_bar false \
-        --data.data_dir "$tmp/data" "$@"
+        --data.data_dir "$tmp/data" "$@" $SUITE_FIT_ARGS
     local status=$?
     cat "$tmp/out/swap.md" 2>/dev/null
     rm -rf "$tmp"
@@ -106,14 +107,15 @@ cli_fit() {  # cli_fit CONFIG [ARGS...]: seed 0 through the CLI, with EpochTimer
     local timer=(--trainer.callbacks+=dropout_lab.speed.EpochTimer)
     grep -q "dropout_lab.speed.EpochTimer" "$config" && timer=()
     "$py" -m dropout_lab fit --config "$config" --seed_everything 0 --trainer.accelerator "$dev" \
-        --trainer.enable_progress_bar false --trainer.logger.init_args.save_dir "$tmp/logs" "${timer[@]}" "$@"
+        --trainer.enable_progress_bar false --trainer.logger.init_args.save_dir "$tmp/logs" "${timer[@]}" "$@" \
+        $SUITE_FIT_ARGS
     local status=$?
     rm -rf "$tmp"
     return $status
 }
 
 export -f population_study cli_fit
-export py dev
+export py dev SUITE_FIT_ARGS=${SUITE_FIT_ARGS:-}  # word-split on purpose: extra arguments of every fit
 core_paths=(  # the issue's rows of benchmarks/speed.py
     "trainer, DataLoader(4 workers)" "trainer, tensor loader" "trainer, tensor loader + micro-batches 8"
     "trainer, tensor loader + micro-batches 8 + compile($graphs) + fused" "bare loop, eager"
