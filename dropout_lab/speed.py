@@ -150,7 +150,8 @@ class EpochTimer(Callback):
     only, never inside a step, so the times include the queued GPU work while the steps keep no host sync. The
     first epoch a process runs also pays compilation, CUDA-graph capture and warm-up; the summary printed after
     ``fit`` shows it apart and gives the median of the later epochs (the steady state) and the training
-    throughput, also as seconds per 60k images, the unit of the README's speed tables. Add it with
+    throughput, also as seconds per 60k images, the unit of the README's speed tables. It keeps nothing in
+    checkpoints: a resumed run times its own epochs, and its first again pays the warm-up. Add it with
     ``--trainer.callbacks+=dropout_lab.speed.EpochTimer``.
 
     Args:
@@ -224,13 +225,13 @@ class EpochTimer(Callback):
     def summary(self) -> str:
         """The first epoch, then the median of the steady epochs: training s, s per 60k images, s with validation."""
         first, steady = self.epochs[0], self.steady()
+        head = f"EpochTimer: first epoch {first.train_s:.3f} s of training ({first.epoch_s:.3f} s with validation)"
+        if len(self.epochs) == 1:
+            return head + "; one epoch only, so no steady state apart from compilation and warm-up"
         train = statistics.median(e.train_s for e in steady)
         whole = statistics.median(e.epoch_s for e in steady)
         rate = statistics.median(e.images_per_s for e in steady)
         images = statistics.median(e.images for e in steady)
-        head = f"EpochTimer: first epoch {first.train_s:.3f} s of training ({first.epoch_s:.3f} s with validation)"
-        if len(self.epochs) == 1:
-            return head + "; one epoch only, so no steady state apart from compilation and warm-up"
         later = (
             f"epochs {steady[0].epoch + 1}-{steady[-1].epoch + 1}"
             if len(steady) > 1
@@ -241,10 +242,6 @@ class EpochTimer(Callback):
             f"{rate:.0f} images/s = {FASHION_MNIST_TRAIN / rate:.3f} s per 60k images; {whole:.3f} s with "
             "validation"
         )
-
-    def state_dict(self) -> dict[str, Any]:
-        """Nothing to resume: a resumed run times its own epochs (its first again pays the warm-up)."""
-        return {}
 
 
 def _batch_rows(batch: Any) -> int:
