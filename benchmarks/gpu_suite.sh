@@ -43,9 +43,11 @@ expanded=()
 for stage in "${stages[@]}"; do
     case $stage in
         goals) expanded+=(tests fit-mlp fit-lenet mc-goal population-fast speed-mlp-core) ;;
-        all) expanded+=(tests fit-mlp fit-lenet ops speed-mlp speed-lenet compile mc population jobs) ;;
+        all) expanded+=(tests fit-mlp fit-lenet ops speed-mlp speed-lenet compile mc population population-study
+            population-fast jobs) ;;
+        population) expanded+=(population population-study population-fast) ;;
         tests | fit-mlp | fit-lenet | speed-mlp | speed-mlp-core | speed-lenet | ops | compile | mc-goal | mc \
-            | population | population-study | population-fast | jobs) expanded+=("$stage") ;;
+            | population-study | population-fast | jobs) expanded+=("$stage") ;;
         *) echo "unknown stage: $stage (see the header of $0)" >&2; exit 2 ;;
     esac
 done
@@ -151,12 +153,8 @@ for stage in "${expanded[@]}"; do
         mc)
             run mc "$py" benchmarks/mc_dropout.py --rounds 3 --device "$dev"
             run dropout-kernel "$py" benchmarks/dropout_kernel.py --rounds 3 --device "$dev" --mc-images 10000 ;;
-        population)
-            run population "$py" benchmarks/population.py --rounds 2 --device "$dev" --precisions 32-true bf16-mixed
-            run population-study population_study
-            run population-fast population_study --data.batch_size 2048 --model.init_args.micro_batch_size 256 \
-                --trainer.callbacks+=dropout_lab.speed.CompileModule --trainer.callbacks.mode "$graphs" \
-                --float32_matmul_precision high ;;
+        population)  # expanded above to this benchmark, then population-study and population-fast
+            run population "$py" benchmarks/population.py --rounds 2 --device "$dev" --precisions 32-true bf16-mixed ;;
         population-study) run population-study population_study ;;
         population-fast)
             run population-fast population_study --data.batch_size 2048 --model.init_args.micro_batch_size 256 \
