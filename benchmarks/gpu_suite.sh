@@ -124,7 +124,10 @@ core_paths=(  # the issue's rows of benchmarks/speed.py
     "bare loop + compile($graphs) + fused"
 )
 
-[ "$dry" = 1 ] || "$py" -c "import torch; print('device:', torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA', '| torch', torch.__version__)" | tee -a "$log"
+versions="import torch, lightning, torchmetrics, jsonargparse as j; print('device:', torch.cuda.get_device_name() \
+if torch.cuda.is_available() else 'no CUDA', '| torch', torch.__version__, '| lightning', lightning.__version__, \
+'| torchmetrics', torchmetrics.__version__, '| jsonargparse', j.__version__)"
+[ "$dry" = 1 ] || "$py" -c "$versions" 2>&1 | tee -a "$log"
 for stage in "${expanded[@]}"; do
     case $stage in
         tests)
