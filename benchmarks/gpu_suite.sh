@@ -29,7 +29,7 @@
 #
 # Inputs: $FASHION_MNIST_DIR (default .gpu/data: the four *-ubyte.gz files) and, if the machine lacks
 # jsonargparse, its wheels in .gpu/whl or $SUITE_WHEELS (installed into /tmp/site); `bash benchmarks/gpu_inputs.sh` fills .gpu/
-# where PyPI is reachable. Logs go to $OUT (default results/gpu), one file per command.
+# where PyPI is reachable. Everything goes to one log, $OUT/suite.log (default results/gpu).
 # Environment: PYTHON (interpreter, default python3); SUITE_DEVICE (gpu, or cpu to rehearse the suite on a
 # machine without one; default gpu); SUITE_DEADLINE_S (skip the commands that would start after this many
 # seconds; default none); COMMAND_TIMEOUT_S (stop a command after this many seconds, default 420);
@@ -38,7 +38,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 stages=("$@")
-[ ${#stages[@]} -eq 0 ] && { sed -n '2,34p' "$0"; exit 2; }
+[ ${#stages[@]} -eq 0 ] && { sed -n '2,/^set /{/^set /!p}' "$0"; exit 2; }
 expanded=()
 for stage in "${stages[@]}"; do
     case $stage in
