@@ -4,19 +4,22 @@
 # Usage (repo root, on the GPU machine):  bash benchmarks/gpu_suite.sh STAGE [STAGE ...]
 #   goals        what a session's 15 minutes of device time should buy first, in one call of about 9 minutes on
 #                an H100 (estimated, not yet run): tests, fit-mlp, fit-lenet, mc-goal, population-fast,
-#                speed-mlp-core, in that order, so that a deadline cuts the least needed
+#                speed-mlp-core, dispatch, in that order, so that a deadline cuts the least needed
 #   tests        pytest -m gpu (CUDA graphs keep dropout masks fresh; compiled/fused/micro-batch curves = eager;
 #                no host syncs), then the compiler tests of tests/test_speed.py under this machine's torch
 #   fit-mlp      `python -m dropout_lab fit` through the CLI, seed 0, 10 epochs and the test, with EpochTimer's
 #                s/epoch: configs/mlp_fast.yaml, then configs/mlp.yaml (the eager Lightning baseline)
 #   fit-lenet    the same for configs/lenet_fast.yaml and configs/lenet.yaml
 #   speed-mlp    benchmarks/speed.py --model mlp: every training path, DataLoader with 0 and 4 workers
-#   speed-mlp-core  the same, 2 rounds, for the rows: DataLoader(4 workers), tensor loader, + micro-batches,
-#                + micro-batches + CUDA graphs + fused, bare eager loop, bare loop + CUDA graphs + fused
+#   speed-mlp-core  the same, 2 rounds, for the rows: DataLoader(4 workers), tensor loader, + micro-batches
+#                (and the same through Lightning's dispatch), + micro-batches + CUDA graphs + fused, bare eager loop,
+#                bare loop + CUDA graphs + fused
 #   speed-lenet  benchmarks/speed.py --model lenet
 #   ops          benchmarks/ops_per_step.py (MLP, LeNet, population): computing and syncing ops per step on CUDA
 #                tensors; benchmarks/accuracy_update.py: TopOneAccuracy vs MulticlassAccuracy, µs per update;
 #                benchmarks/stacked_loader.py: stacked training orders, one gather vs S gathers + stack
+#   dispatch     benchmarks/step_dispatch.py: µs of a micro-batch's backward + optimizer step, Lightning's
+#                dispatch vs DirectSteps vs bare PyTorch
 #   compile      benchmarks/compile_step.py --mode reduce-overhead: one step eager vs CUDA graphs, p = 0 and 0.5
 #   mc-goal      benchmarks/mc_dropout.py, 2 rounds: vectorized mc_predict vs a loop of T forwards
 #   mc           mc-goal with 3 rounds, then benchmarks/dropout_kernel.py: F.dropout vs uniform masks on CUDA
@@ -42,11 +45,11 @@ stages=("$@")
 expanded=()
 for stage in "${stages[@]}"; do
     case $stage in
-        goals) expanded+=(tests fit-mlp fit-lenet mc-goal population-fast speed-mlp-core) ;;
-        all) expanded+=(tests fit-mlp fit-lenet ops speed-mlp speed-lenet compile mc population population-study
-            population-fast jobs) ;;
+        goals) expanded+=(tests fit-mlp fit-lenet mc-goal population-fast speed-mlp-core dispatch) ;;
+        all) expanded+=(tests fit-mlp fit-lenet ops dispatch speed-mlp speed-lenet compile mc population
+            population-study population-fast jobs) ;;
         population) expanded+=(population population-study population-fast) ;;
-        tests | fit-mlp | fit-lenet | speed-mlp | speed-mlp-core | speed-lenet | ops | compile | mc-goal | mc \
+        tests | fit-mlp | fit-lenet | speed-mlp | speed-mlp-core | speed-lenet | ops | dispatch | compile | mc-goal | mc \
             | population-study | population-fast | jobs) expanded+=("$stage") ;;
         *) echo "unknown stage: $stage (see the header of $0)" >&2; exit 2 ;;
     esac
@@ -120,6 +123,7 @@ export -f population_study cli_fit
 export py dev SUITE_FIT_ARGS=${SUITE_FIT_ARGS:-}  # word-split on purpose: extra arguments of every fit
 core_paths=(  # the rows of benchmarks/speed.py
     "trainer, DataLoader(4 workers)" "trainer, tensor loader" "trainer, tensor loader + micro-batches 8"
+    "trainer, tensor loader + micro-batches 8 + lightning dispatch"
     "trainer, tensor loader + micro-batches 8 + compile($graphs) + fused" "bare loop, eager"
     "bare loop + compile($graphs) + fused"
 )
@@ -151,6 +155,7 @@ for stage in "${expanded[@]}"; do
             run speed-mlp-core "$py" benchmarks/speed.py --model mlp --device "$dev" --rounds 2 --workers 4 \
                 --paths "${core_paths[@]}" ;;
         speed-lenet) run speed-lenet "$py" benchmarks/speed.py --model lenet --device "$dev" --rounds 3 --workers 4 ;;
+        dispatch) run step-dispatch "$py" benchmarks/step_dispatch.py --rounds 5 --device "$dev" ;;
         compile) run compile "$py" benchmarks/compile_step.py --mode "$graphs" --device "$dev" ;;
         mc-goal) run mc "$py" benchmarks/mc_dropout.py --rounds 2 --device "$dev" ;;
         mc)

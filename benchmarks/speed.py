@@ -9,7 +9,8 @@ negligible, so its table shows what each path costs per step beyond the math, as
 * ``trainer, tensor loader``: the Trainer with the default device-resident ``loader: tensor``;
 * ``+ barebones``: the same with ``Trainer(barebones=True)`` (no logging, checkpoints or progress bar);
 * ``+ micro-batches K``: ``data.batch_size = 256·K`` and ``model.micro_batch_size = 256`` (the same updates,
-  one Lightning step per K optimizer steps);
+  one Lightning step per K optimizer steps; each optimizer step a ``DirectSteps`` step), and ``+ lightning
+  dispatch``: the same through ``manual_backward`` and ``LightningOptimizer.step`` (``direct_steps = False``);
 * ``+ compile(mode)``: the ``CompileModule`` callback; ``+ fused``: ``SGD(fused=True)``;
 * ``+ uniform masks``: the ``UniformDropoutMasks`` callback (CPU only: dropout masks drawn as ``uniform > p``);
 * ``bare loop``: a plain PyTorch loop over device-resident tensors, eager, and compiled + fused (the floor).
@@ -82,6 +83,7 @@ class TrainerPath:
     compile: str | None = None
     fused: bool = False
     uniform: bool = False
+    dispatch: bool = False
 
     def name(self) -> str:
         """Row label of the table."""
@@ -92,6 +94,7 @@ class TrainerPath:
             f"compile({self.compile})" if self.compile else "",
             "fused" if self.fused else "",
             "uniform masks" if self.uniform else "",
+            "lightning dispatch" if self.dispatch else "",
         ]
         return " + ".join([base, *[e for e in extras if e]])
 
@@ -121,7 +124,9 @@ class TrainerPath:
             data_dir=args.data_dir, val_size=0, loader=self.loader, batch_size=BATCH * self.micro,
             num_workers=self.workers,
         )  # fmt: skip
-        trainer.fit(make_model(args.model, self.fused, micro), data)
+        model = make_model(args.model, self.fused, micro)
+        model.direct_steps = not self.dispatch
+        trainer.fit(model, data)
         steps = trainer.num_training_batches * self.micro
         return timer.epochs[-1].train_s * math.ceil(N_TRAIN / BATCH) / min(steps, math.ceil(N_TRAIN / BATCH))
 
@@ -215,6 +220,7 @@ def build_paths(args: argparse.Namespace, device: torch.device, accelerator: str
         TrainerPath(),
         TrainerPath(barebones=True),
         TrainerPath(micro=args.micro),
+        TrainerPath(micro=args.micro, dispatch=True),
         TrainerPath(compile=graphs, fused=True),
         TrainerPath(micro=args.micro, compile=graphs, fused=True),
     ]

@@ -14,6 +14,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
 from dropout_lab.metrics import TopOneAccuracy
+from dropout_lab.steps import DirectSteps, direct_steps_refusal
 
 __all__ = ["ClassifierModule", "default_sgd"]
 
@@ -42,6 +43,10 @@ class ClassifierModule(L.LightningModule):
     """``share_prefix`` of the ``mc`` and ``rotated`` subcommands' MC passes (see
     :func:`dropout_lab.uncertainty.mc_predict`, which checks that sharing is right for the network; False skips
     the check and runs every pass through the whole net)."""
+    direct_steps: bool = True
+    """With ``micro_batch_size``: take each optimizer step through :class:`~dropout_lab.steps.DirectSteps` where
+    the Trainer allows it (the same hooks, ops and updates without Lightning's per-step dispatch); False: always
+    through ``manual_backward`` and ``LightningOptimizer.step`` (for comparison: ``benchmarks/step_dispatch.py``)."""
 
     def __init__(
         self,
@@ -56,6 +61,7 @@ class ClassifierModule(L.LightningModule):
         self.scheduler_factory = lr_scheduler
         self.micro_batch_size = micro_batch_size
         self._warned_partial = False
+        self._steps: DirectSteps | None = None
         self.automatic_optimization = micro_batch_size is None
         self.loss_fn = nn.CrossEntropyLoss()
         self.train_acc, self.val_acc, self.test_acc = TopOneAccuracy(), TopOneAccuracy(), TopOneAccuracy()
@@ -119,20 +125,32 @@ class ClassifierModule(L.LightningModule):
                 "each batch ends with a smaller micro-batch, so the updates differ from those of batch "
                 f"{self.micro_batch_size}; make data.batch_size a multiple of it"
             )
-        losses = []
+        steps, losses = self._direct_steps(optimizer), []
         for xs, ys in zip(x.split(self.micro_batch_size), y.split(self.micro_batch_size), strict=True):
             if 0 <= trainer.max_steps <= trainer.global_step:
                 break  # max_steps counts optimizer steps: stop inside the batch, as batch-size-K training would
             loss, logged = self.train_loss(xs, ys)
             optimizer.zero_grad()
-            self.manual_backward(loss)
-            optimizer.step()
+            if steps is None:
+                self.manual_backward(loss)
+                optimizer.step()
+            else:
+                steps.step(loss)
             losses.append(logged)
         if self.scheduler_factory is not None and self._epoch_ends_here():
             self.lr_schedulers().step()  # where automatic optimization steps an epoch scheduler: before validation
         loss = torch.stack(losses).mean()
         self._log_train_loss(loss)
         return loss
+
+    def _direct_steps(self, optimizer: Any) -> DirectSteps | None:
+        """This fit's :class:`DirectSteps` for ``optimizer`` (built at its first step), or None where not used."""
+        if not self.direct_steps or direct_steps_refusal(self.trainer) is not None:
+            return None
+        steps = self._steps
+        if steps is None or steps.optimizer is not optimizer or steps.trainer is not self.trainer:
+            steps = self._steps = DirectSteps(self.trainer, self, optimizer)
+        return steps
 
     def _epoch_ends_here(self) -> bool:
         """True in the epoch's last training step (Lightning's own test, as in its epoch loop)."""

@@ -20,7 +20,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 SUITE = ROOT / "benchmarks" / "gpu_suite.sh"
 GOALS = ["tests", "tests-compile", "fit-mlp-fast", "fit-mlp", "fit-lenet-fast", "fit-lenet", "mc",
-         "population-fast", "speed-mlp-core"]  # fmt: skip
+         "population-fast", "speed-mlp-core", "step-dispatch"]  # fmt: skip
 
 
 def suite(*stages: str, **env: str) -> subprocess.CompletedProcess[str]:

@@ -1,0 +1,108 @@
+"""``DirectSteps``: micro-batch optimizer steps without Lightning's dispatch make the same updates and hooks."""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+from test_speed import fit
+
+from dropout_lab.callbacks import ActivationVarianceMonitor
+from dropout_lab.data import FashionMNISTDataModule
+from dropout_lab.models import DropoutMLP, LeNet
+from dropout_lab.population import PopulationMLP
+from dropout_lab.steps import HOOKS, direct_steps_refusal
+
+
+class HookLog(Callback):
+    """Every backward / optimizer-step hook call: its name, the step, the module's ``_current_fx_name`` and a
+    fingerprint of what the hook sees (the loss, or the gradients' sum)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, int, str | None, float]] = []
+
+    def _grads(self, module: L.LightningModule) -> float:
+        return sum(float(p.grad.sum()) for p in module.parameters() if p.grad is not None)
+
+    def on_before_backward(self, trainer, pl_module, loss) -> None:
+        self.calls.append(("on_before_backward", trainer.global_step, pl_module._current_fx_name, float(loss.detach())))
+
+    def on_after_backward(self, trainer, pl_module) -> None:
+        self.calls.append(("on_after_backward", trainer.global_step, pl_module._current_fx_name,
+                           self._grads(pl_module)))  # fmt: skip
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        assert isinstance(optimizer, torch.optim.SGD)  # the torch optimizer, as Lightning passes it
+        pl_module.log("hooked", 1.0)  # allowed in this hook, as under Lightning's dispatch
+        self.calls.append(("on_before_optimizer_step", trainer.global_step, pl_module._current_fx_name,
+                           self._grads(pl_module)))  # fmt: skip
+
+
+def population(direct: bool) -> PopulationMLP:
+    """4 members, per-cell weight decay: the module's own ``on_before_optimizer_step`` adds it to the gradients."""
+    kwargs = {"dropouts": [[0.5, 0.5], [0.1, 0.9]], "weight_decays": [0.0, 1e-3], "members_per_cell": 2}
+    model = PopulationMLP(**kwargs, optimizer=partial(torch.optim.SGD, lr=0.05, momentum=0.9), micro_batch_size=64)
+    model.direct_steps = direct
+    return model
+
+
+def mlp(direct: bool) -> DropoutMLP:
+    model = DropoutMLP(optimizer=partial(torch.optim.SGD, lr=0.05, momentum=0.9), micro_batch_size=64)
+    model.direct_steps = direct
+    return model
+
+
+@pytest.mark.parametrize("make", [mlp, population], ids=["DropoutMLP", "PopulationMLP"])
+def test_direct_steps_match_lightning_dispatch(make, synthetic_env: None) -> None:
+    """Bit-equal weights, the same step count and the same hook calls, in the same order, seeing the same values."""
+    runs = []
+    for direct in (True, False):
+        L.seed_everything(3, verbose=False)
+        model, hooks = make(direct), HookLog()
+        monitor = ActivationVarianceMonitor(every_n_steps=3)  # another callback with on_before_optimizer_step
+        trainer = fit(model, 256, callbacks=[hooks, monitor])
+        assert (model._steps is not None) == direct  # the path under test was the one taken
+        runs.append((model, trainer, hooks, monitor))
+    (a, ta, ha, ma), (b, tb, hb, mb) = runs
+    assert ta.global_step == tb.global_step == 2 * math.ceil(500 / 64)
+    for (name, p), q in zip(a.named_parameters(), b.parameters(), strict=True):
+        assert torch.equal(p, q), name
+    assert ha.calls == hb.calls
+    steps = ta.global_step
+    assert [c[0] for c in ha.calls] == list(HOOKS) * steps
+    assert [c[1] for c in ha.calls[::3]] == list(range(steps))  # before each step's counter moves
+    assert all(name == fx for name, _, fx, _ in ha.calls)
+    assert ma.history.keys() == mb.history.keys() and ma.history
+    for key in ma.history:
+        assert ma.history[key] == mb.history[key], key
+    assert ta.callback_metrics["train/acc"] == tb.callback_metrics["train/acc"]
+
+
+def test_no_hooks_dispatched_where_nothing_overrides_them(synthetic_env: None) -> None:
+    """LeNet alone: nothing overrides the three hooks, so a direct step is backward + step between the counters."""
+    model = LeNet(micro_batch_size=64)
+    trainer = fit(model, 256, epochs=1)
+    assert model._steps is not None
+    assert model._steps.hooks == {name: [] for name in HOOKS}
+    assert trainer.global_step == math.ceil(500 / 64)
+
+
+def test_the_shortcut_is_refused_where_it_would_leave_something_out(synthetic_env: None) -> None:
+    """A profiler times each hook, so it rules the shortcut out (and the run takes Lightning's dispatch)."""
+    assert direct_steps_refusal(L.Trainer(logger=False, accelerator="cpu", devices=1)) is None
+    assert direct_steps_refusal(L.Trainer(logger=False, accelerator="cpu", precision="bf16-mixed")) is None
+    assert direct_steps_refusal(L.Trainer(logger=False, accelerator="cpu", precision="bf16-true")) is None
+    profiled = L.Trainer(logger=False, accelerator="cpu", profiler="simple")
+    assert direct_steps_refusal(profiled) == "profiler SimpleProfiler"
+    ddp = L.Trainer(logger=False, accelerator="cpu", devices=2, strategy="ddp_spawn")
+    assert direct_steps_refusal(ddp) == "strategy DDPStrategy"
+    model = DropoutMLP(micro_batch_size=64)
+    L.seed_everything(0, verbose=False)
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, profiler="simple")  # fmt: skip
+    trainer.fit(model, FashionMNISTDataModule(batch_size=256, val_size=100))
+    assert model._steps is None and trainer.global_step == math.ceil(500 / 64)
