@@ -12,7 +12,8 @@ MLP of ``speed.py --model tiny`` (its arithmetic is negligible, so what differs 
 The forward and ``zero_grad`` run outside the timed part. The Trainer carries the callbacks of a CLI ``fit`` of
 ``configs/mlp.yaml`` (``--callbacks cli``: activation monitor every 50 steps, which overrides
 ``on_before_optimizer_step``; divergence guard; RNG state; checkpoints; TensorBoard; progress bar) or none. Each
-round times ``--steps`` steps per route; the table shows the median over rounds and the excess over ``bare``.
+round times ``--steps`` steps per route, the rounds rotating which route goes first; the table shows the median
+over rounds and the excess over ``bare``.
 
 Usage:
     python benchmarks/step_dispatch.py [--rounds 7] [--steps 500] [--callbacks cli|none] [--device auto]
@@ -76,8 +77,9 @@ class Probe(DropoutMLP):
         routes: dict[str, Callable[[torch.Tensor], None]] = {
             "lightning dispatch": lightning, "DirectSteps": direct.step, "bare": bare,
         }  # fmt: skip
-        for _ in range(self.rounds + 1):  # round 0 warms up
-            for route, step in routes.items():
+        for r in range(self.rounds + 1):  # round 0 warms up; each round starts with the next route (no order bias)
+            for route in ROUTES[r % 3 :] + ROUTES[: r % 3]:
+                step = routes[route]
                 total = 0.0
                 for _ in range(self.steps):
                     loss = self.loss_fn(self(x), y)
