@@ -106,3 +106,22 @@ def test_the_shortcut_is_refused_where_it_would_leave_something_out(synthetic_en
                         enable_progress_bar=False, enable_model_summary=False, profiler="simple")  # fmt: skip
     trainer.fit(model, FashionMNISTDataModule(batch_size=256, val_size=100))
     assert model._steps is None and trainer.global_step == math.ceil(500 / 64)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_direct_steps_match_lightning_dispatch_on_cuda(synthetic_env: None) -> None:
+    """On CUDA too: the same step count and hook calls, and the same weights (to float rounding: cuBLAS may pick
+    other kernels between runs)."""
+    runs = []
+    for direct in (True, False):
+        L.seed_everything(3, verbose=False)
+        model, hooks = mlp(direct), HookLog()
+        trainer = fit(model, 256, accelerator="gpu", callbacks=[hooks])
+        assert (model._steps is not None) == direct
+        runs.append((model, trainer, hooks))
+    (a, ta, ha), (b, tb, hb) = runs
+    assert ta.global_step == tb.global_step == 2 * math.ceil(500 / 64)
+    assert [c[:3] for c in ha.calls] == [c[:3] for c in hb.calls]
+    for (name, p), q in zip(a.named_parameters(), b.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=name)
