@@ -47,7 +47,7 @@ def direct_steps_refusal(trainer: L.Trainer) -> str | None:
     if type(trainer.strategy) is not SingleDeviceStrategy:
         return f"strategy {type(trainer.strategy).__name__}"
     plugin = trainer.precision_plugin
-    if isinstance(plugin, MixedPrecision):
+    if type(plugin) is MixedPrecision:
         if plugin.scaler is not None:
             return "a gradient scaler (16-mixed)"
     elif type(plugin) not in _PLAIN_PLUGINS:

@@ -9,6 +9,7 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 from test_speed import fit
 
 from dropout_lab.callbacks import ActivationVarianceMonitor
@@ -92,10 +93,21 @@ def test_no_hooks_dispatched_where_nothing_overrides_them(synthetic_env: None) -
 
 
 def test_the_shortcut_is_refused_where_it_would_leave_something_out(synthetic_env: None) -> None:
-    """A profiler times each hook, so it rules the shortcut out (and the run takes Lightning's dispatch)."""
+    """Refused under DDP, a gradient scaler, a precision plugin of one's own and a profiler (which times each hook);
+    a profiled run then takes Lightning's dispatch."""
     assert direct_steps_refusal(L.Trainer(logger=False, accelerator="cpu", devices=1)) is None
     assert direct_steps_refusal(L.Trainer(logger=False, accelerator="cpu", precision="bf16-mixed")) is None
     assert direct_steps_refusal(L.Trainer(logger=False, accelerator="cpu", precision="bf16-true")) is None
+    scaled = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))
+    assert direct_steps_refusal(L.Trainer(logger=False, accelerator="cpu", plugins=[scaled])) == (
+        "a gradient scaler (16-mixed)"
+    )
+
+    class OwnPrecision(Precision):
+        pass
+
+    own = L.Trainer(logger=False, accelerator="cpu", plugins=[OwnPrecision()])
+    assert direct_steps_refusal(own) == "precision plugin OwnPrecision"
     profiled = L.Trainer(logger=False, accelerator="cpu", profiler="simple")
     assert direct_steps_refusal(profiled) == "profiler SimpleProfiler"
     ddp = L.Trainer(logger=False, accelerator="cpu", devices=2, strategy="ddp_spawn")
