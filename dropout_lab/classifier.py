@@ -43,6 +43,9 @@ class ClassifierModule(L.LightningModule):
     """``share_prefix`` of the ``mc`` and ``rotated`` subcommands' MC passes (see
     :func:`dropout_lab.uncertainty.mc_predict`, which checks that sharing is right for the network; False skips
     the check and runs every pass through the whole net)."""
+    logits_batch_dim: int = 0
+    """The batch dimension of the net's logits (``PopulationMLP``'s (K, B, 10): 1), where the micro-batches' logits
+    are joined to count ``train/acc`` once per Lightning step."""
     direct_steps: bool = True
     """With ``micro_batch_size``: take each optimizer step through :class:`~dropout_lab.steps.DirectSteps` where
     the Trainer allows it (the same hooks, ops and updates without Lightning's per-step dispatch); False: always
@@ -62,6 +65,7 @@ class ClassifierModule(L.LightningModule):
         self.micro_batch_size = micro_batch_size
         self._warned_partial = False
         self._steps: DirectSteps | None = None
+        self._deferred: list[torch.Tensor] | None = None  # micro-batches' logits, counted at the batch's end
         self.automatic_optimization = micro_batch_size is None
         self.loss_fn = nn.CrossEntropyLoss()
         self.train_acc, self.val_acc, self.test_acc = TopOneAccuracy(), TopOneAccuracy(), TopOneAccuracy()
@@ -96,11 +100,22 @@ class ClassifierModule(L.LightningModule):
         return loss
 
     def train_loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The loss to minimize on one (micro-)batch and the value ``train/loss`` shows; updates ``train/acc``."""
+        """The loss to minimize on one (micro-)batch and the value ``train/loss`` shows; counts ``train/acc``."""
         logits = self(x)
         loss = self.loss_fn(logits, y)
-        self.train_acc.update(logits.detach(), y)
+        self._count_train(logits.detach(), y)
         return loss, loss.detach()
+
+    def count_train(self, logits: torch.Tensor, y: torch.Tensor) -> None:
+        """Add a batch's (detached) logits and labels to the training accuracy."""
+        self.train_acc.update(logits, y)
+
+    def _count_train(self, logits: torch.Tensor, y: torch.Tensor) -> None:
+        """:meth:`count_train` now, or, inside the micro-batch loop, once for the whole batch at its end."""
+        if self._deferred is None:
+            self.count_train(logits, y)
+        else:
+            self._deferred.append(logits)
 
     def _log_train_loss(self, loss: torch.Tensor) -> None:
         if self._log_now():
@@ -125,18 +140,26 @@ class ClassifierModule(L.LightningModule):
                 "each batch ends with a smaller micro-batch, so the updates differ from those of batch "
                 f"{self.micro_batch_size}; make data.batch_size a multiple of it"
             )
-        steps, losses = self._direct_steps(optimizer), []
-        for xs, ys in zip(x.split(self.micro_batch_size), y.split(self.micro_batch_size), strict=True):
-            if 0 <= trainer.max_steps <= trainer.global_step:
-                break  # max_steps counts optimizer steps: stop inside the batch, as batch-size-K training would
-            loss, logged = self.train_loss(xs, ys)
-            optimizer.zero_grad()
-            if steps is None:
-                self.manual_backward(loss)
-                optimizer.step()
-            else:
-                steps.step(loss)
-            losses.append(logged)
+        steps, losses, done = self._direct_steps(optimizer), [], 0
+        self._deferred = []
+        try:
+            for xs, ys in zip(x.split(self.micro_batch_size), y.split(self.micro_batch_size), strict=True):
+                if 0 <= trainer.max_steps <= trainer.global_step:
+                    break  # max_steps counts optimizer steps: stop inside the batch, as batch-size-K training would
+                loss, logged = self.train_loss(xs, ys)
+                done += len(xs)
+                optimizer.zero_grad()
+                if steps is None:
+                    self.manual_backward(loss)
+                    optimizer.step()
+                else:
+                    steps.step(loss)
+                losses.append(logged)
+        finally:
+            deferred, self._deferred = self._deferred, None
+        if deferred:  # the same counts as one update per micro-batch, in 1/K of the ops
+            logits = deferred[0] if len(deferred) == 1 else torch.cat(deferred, self.logits_batch_dim)
+            self.count_train(logits, y[:done])
         if self.scheduler_factory is not None and self._epoch_ends_here():
             self.lr_schedulers().step()  # where automatic optimization steps an epoch scheduler: before validation
         loss = torch.stack(losses).mean()

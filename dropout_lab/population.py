@@ -66,6 +66,8 @@ class PopulationMLP(ClassifierModule):
             batch micro_batch_size at 1/K of Lightning's per-step cost (speed option; null = off).
     """
 
+    logits_batch_dim = 1  # logits are (K, B, 10)
+
     def __init__(
         self,
         hidden_sizes: Sequence[PositiveInt] = (256, 256),
@@ -256,8 +258,12 @@ class PopulationMLP(ClassifierModule):
         """
         logits = self(x)
         losses = self.member_losses(logits, y)
-        self._count("train", logits.detach(), y)
+        self._count_train(logits.detach(), y)
         return losses.sum(), losses.detach().mean()
+
+    def count_train(self, logits: Tensor, y: Tensor) -> None:
+        """Add a batch's logits (K, B, 10) and labels to each member's training accuracy."""
+        self._count("train", logits, y)
 
     @torch.no_grad()
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:

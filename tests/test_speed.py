@@ -156,17 +156,34 @@ def test_resuming_across_a_micro_batch_switch_is_refused(tmp_path: Path, synthet
     DropoutMLP.load_from_checkpoint(tmp_path / "last.ckpt")  # outside fit (test, MC) the checkpoint loads
 
 
+class CountingMLP(DropoutMLP):
+    """Records how many images each ``train/acc`` update counts."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.counted: list[int] = []
+
+    def count_train(self, logits: torch.Tensor, y: torch.Tensor) -> None:
+        self.counted.append(len(y))
+        super().count_train(logits, y)
+
+
 def test_max_steps_stops_inside_a_batch(synthetic_env: None) -> None:
-    """``max_steps`` counts optimizer steps: 5 steps = the plain run's 5 steps, not the 8 of two whole batches."""
+    """``max_steps`` counts optimizer steps: 5 steps = the plain run's 5 steps, not the 8 of two whole batches;
+    ``train/acc`` counts the 5 micro-batches trained on (320 images), not the whole second batch."""
     L.seed_everything(1, verbose=False)
-    plain, micro = DropoutMLP(), DropoutMLP(micro_batch_size=64)
+    plain, micro = CountingMLP(), CountingMLP(micro_batch_size=64)
     micro.load_state_dict(plain.state_dict())
+    accuracies = []
     for model, batch in ((plain, 64), (micro, 256)):
         L.seed_everything(0, verbose=False)
         trainer = L.Trainer(max_steps=5, accelerator="cpu", logger=False, enable_checkpointing=False,
                             enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
         trainer.fit(model, FashionMNISTDataModule(batch_size=batch, val_size=100))
-        assert trainer.global_step == 5
+        assert trainer.global_step == 5 and sum(model.counted) == 5 * 64
+        accuracies.append(trainer.callback_metrics["train/acc"])
+    assert accuracies[0] == accuracies[1]
+    assert micro.counted == [256, 64]  # one update per Lightning step, of the micro-batches it trained on
     for (name, p), q in zip(plain.named_parameters(), micro.parameters(), strict=True):
         assert torch.equal(p, q), name
 
