@@ -114,8 +114,21 @@ class ClassifierModule(L.LightningModule):
         """:meth:`count_train` now, or, inside the micro-batch loop, once for the whole batch at its end."""
         if self._deferred is None:
             self.count_train(logits, y)
+        elif self._compiled_call_impl is not None:
+            # compiled with CUDA graphs, the logits live in the graph's memory pool and the next micro-batch's
+            # replay overwrites them: keep a copy (one op instead of the 5 of counting now)
+            self._deferred.append(logits.clone())
         else:
             self._deferred.append(logits)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """The pickled state (``torch.save``, ``ddp_spawn``, ``deepcopy``), without the last fit's ``DirectSteps``.
+
+        ``DirectSteps`` holds its Trainer and optimizer; Lightning leaves the Trainer out in the same way.
+        """
+        state = super().__getstate__()
+        state["_steps"], state["_deferred"] = None, None
+        return state
 
     def _log_train_loss(self, loss: torch.Tensor) -> None:
         if self._log_now():

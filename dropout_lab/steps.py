@@ -11,8 +11,13 @@ millisecond, Python time is step time. ``DirectSteps`` does the same step in a s
 * ``module.backward(loss)``, which is what the precision plugin calls;
 * the hooks that some callback or the module overrides, in Lightning's order (callbacks first, then the module)
   and with ``_current_fx_name`` set as Lightning sets it (so ``self.log`` works in them);
-* ``optimizer.step()`` between the manual loop's own step counters (``global_step`` and checkpoints count as
-  before).
+* ``optimizer.step(closure)`` between the manual loop's own step counters (``global_step`` and checkpoints count
+  as before), the closure calling ``on_before_optimizer_step`` as Lightning's does (after the optimizer's own
+  step pre-hooks).
+
+The hooks are looked up once per fit, on the classes of the callbacks and the module (Lightning's
+``is_overridden``): a hook set on an instance, a ``Mock`` callback or a callback added during the fit is not
+seen; set ``ClassifierModule.direct_steps = False`` for those.
 
 The ops are the same, so the updates are the same bit for bit (tested against Lightning's dispatch, also with hooks
 that callbacks and the module override). It is used only where the shortcut leaves nothing out:
@@ -81,10 +86,10 @@ class DirectSteps:
         self._call("on_before_backward", loss)
         self.module.backward(loss)
         self._call("on_after_backward")
-        optimizer = self.optimizer
+        optimizer, torch_optimizer = self.optimizer, self.optimizer.optimizer
         optimizer._on_before_step()  # the manual loop's counter (ready)
-        self._call("on_before_optimizer_step", optimizer.optimizer)
-        optimizer.optimizer.step()
+        # as a closure, as Lightning calls the hook: after the optimizer's own step pre-hooks, with grad enabled
+        torch_optimizer.step(lambda: self._call("on_before_optimizer_step", torch_optimizer))
         optimizer._on_after_step()  # completed: global_step
 
     def _call(self, name: str, *args: Any) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import pickle
 from functools import partial
 
 import lightning as L
@@ -25,6 +26,12 @@ class HookLog(Callback):
 
     def __init__(self) -> None:
         self.calls: list[tuple[str, int, str | None, float]] = []
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        def pre_hook(optimizer, args, kwargs) -> None:  # torch's own: Lightning calls its hook after these
+            self.calls.append(("step_pre_hook", trainer.global_step, pl_module._current_fx_name, 0.0))
+
+        trainer.optimizers[0].register_step_pre_hook(pre_hook)
 
     def _grads(self, module: L.LightningModule) -> float:
         return sum(float(p.grad.sum()) for p in module.parameters() if p.grad is not None)
@@ -74,13 +81,25 @@ def test_direct_steps_match_lightning_dispatch(make, synthetic_env: None) -> Non
         assert torch.equal(p, q), name
     assert ha.calls == hb.calls
     steps = ta.global_step
-    assert [c[0] for c in ha.calls] == list(HOOKS) * steps
-    assert [c[1] for c in ha.calls[::3]] == list(range(steps))  # before each step's counter moves
-    assert all(name == fx for name, _, fx, _ in ha.calls)
+    before_backward, after_backward, before_step = HOOKS
+    assert [c[0] for c in ha.calls] == [before_backward, after_backward, "step_pre_hook", before_step] * steps
+    assert [c[1] for c in ha.calls[::4]] == list(range(steps))  # before each step's counter moves
+    assert all(name == fx for name, _, fx, _ in ha.calls if name in HOOKS)
     assert ma.history.keys() == mb.history.keys() and ma.history
     for key in ma.history:
         assert ma.history[key] == mb.history[key], key
     assert ta.callback_metrics["train/acc"] == tb.callback_metrics["train/acc"]
+
+
+def test_a_fitted_module_pickles_without_its_trainer(synthetic_env: None) -> None:
+    """``torch.save(model)``, ``ddp_spawn`` and ``deepcopy`` pickle the module: the fit's DirectSteps stays out."""
+    model = DropoutMLP(micro_batch_size=64)
+    fit(model, 256, epochs=1)
+    assert model._steps is not None
+    copy = pickle.loads(pickle.dumps(model))
+    assert copy._steps is None and copy._deferred is None
+    for p, q in zip(model.parameters(), copy.parameters(), strict=True):
+        assert torch.equal(p, q)
 
 
 def test_no_hooks_dispatched_where_nothing_overrides_them(synthetic_env: None) -> None:
