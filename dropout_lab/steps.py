@@ -4,8 +4,8 @@ With ``model.micro_batch_size`` every optimizer step goes through ``manual_backw
 Those dispatch five hooks (``on_before_backward``, ``on_after_backward``, ``on_before_optimizer_step`` on every
 callback, then on the module), each through the profiler, and they pass the step through the strategy and the
 precision plugin to the optimizer inside a double closure. None of that is arithmetic: measured on a 2-core
-x86_64 CPU it is 93 µs of Python per step, 160 µs with the callbacks of a CLI ``fit``
-(``benchmarks/step_dispatch.py``). On a GPU, where a step of the d2l MLP is launch-bound and takes under a
+x86_64 CPU it is 93–134 µs of Python per step, 160–268 µs with the callbacks of a CLI ``fit`` (two runs of
+``benchmarks/step_dispatch.py``). On a GPU, where a step of the d2l MLP is launch-bound and takes under a
 millisecond, Python time is step time. ``DirectSteps`` does the same step in a shorter way:
 
 * ``module.backward(loss)``, which is what the precision plugin calls;
