@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from dropout_lab.classifier import ClassifierModule
 from dropout_lab.nets import NUM_CLASSES, NUM_INPUTS
+from dropout_lab.population_report import cell_table
 from dropout_lab.stacked import MemberDropout, StackedLinear, member_generators
 from dropout_lab.types import Probability
 
@@ -202,17 +203,7 @@ class PopulationMLP(ClassifierModule):
 
     def cell_table(self, acc: Tensor) -> str:
         """A Markdown table of each cell's accuracy ``acc`` (K,): mean ± sample std over its members, in %."""
-        from dropout_lab.study_report import mean_std
-
-        cells = len(self.hparams.dropouts)
-        wds = self.cell_wds
-        rows = ["| cell | dropouts | weight decay | members | test acc % (mean ± std) |", "|---|---|---|---|---|"]
-        for c, values in enumerate((acc.double() * 100).view(cells, -1).tolist()):
-            mean, std = mean_std(values)
-            ps = ", ".join(f"{p:g}" for p in self.hparams.dropouts[c])
-            spread = f"{std:.2f}" if len(values) > 1 else "—"  # one member: no spread to report
-            rows.append(f"| c{c} | [{ps}] | {wds[c]:g} | {len(values)} | {mean:.2f} ± {spread} |")
-        return "\n".join(rows) + "\n"
+        return cell_table(acc, self.hparams.dropouts, self.cell_wds)
 
     def _report_cells(self, acc: Tensor) -> None:
         """Print the test's :meth:`cell_table` and write it to ``<log_dir>/test_cells.md`` (rank zero)."""
