@@ -64,7 +64,7 @@ class Probe(DropoutMLP):
         x, y = batch[0][: self.images], batch[1][: self.images]
         optimizer = self.optimizers()
         direct = DirectSteps(self.trainer, self, optimizer)
-        self.hooks = {name: [type(fn.__self__).__name__ for _, fn, _ in hooks] for name, hooks in direct.hooks.items()}
+        self.hooks = {name: [type(fn.__self__).__name__ for fn, _ in hooks] for name, hooks in direct.hooks.items()}
 
         def lightning(loss: torch.Tensor) -> None:
             self.manual_backward(loss)

@@ -1,8 +1,8 @@
 """``DirectSteps``: the backward and optimizer step of one micro-batch, with Lightning's hooks but not its dispatch.
 
 With ``model.micro_batch_size`` every optimizer step goes through ``manual_backward`` and ``LightningOptimizer.step``.
-Those dispatch five hooks (``on_before_backward``, ``on_after_backward``, ``on_before_optimizer_step`` on every
-callback, then on the module), each through the profiler, and they pass the step through the strategy and the
+Those dispatch three hooks (``on_before_backward``, ``on_after_backward``, ``on_before_optimizer_step``) to every
+callback, then to the module, each through the profiler, and they pass the step through the strategy and the
 precision plugin to the optimizer inside a double closure. None of that is arithmetic: measured on a 2-core
 x86_64 CPU it is 93–134 µs of Python per step, 160–268 µs with the callbacks of a CLI ``fit`` (two runs of
 ``benchmarks/step_dispatch.py``). On a GPU, where a step of the d2l MLP is launch-bound and takes under a
@@ -44,7 +44,7 @@ __all__ = ["DirectSteps", "direct_steps_refusal"]
 HOOKS = ("on_before_backward", "on_after_backward", "on_before_optimizer_step")
 _PLAIN_PLUGINS = (Precision, HalfPrecision, DoublePrecision)
 
-Hook = tuple[str, Callable[..., Any], bool]  # (name, bound method, is a callback's)
+Hook = tuple[Callable[..., Any], bool]  # (bound method, is a callback's)
 
 
 def direct_steps_refusal(trainer: L.Trainer) -> str | None:
@@ -77,9 +77,9 @@ class DirectSteps:
         for name in HOOKS:
             for callback in trainer.callbacks:
                 if is_overridden(name, callback, Callback):
-                    self.hooks[name].append((name, getattr(callback, name), True))
+                    self.hooks[name].append((getattr(callback, name), True))
             if is_overridden(name, module, L.LightningModule):
-                self.hooks[name].append((name, getattr(module, name), False))
+                self.hooks[name].append((getattr(module, name), False))
 
     def step(self, loss: torch.Tensor) -> None:
         """``manual_backward(loss)`` then ``optimizer.step()``: the same hooks, ops and step count."""
@@ -97,8 +97,8 @@ class DirectSteps:
         if not hooks:
             return
         module, previous = self.module, self.module._current_fx_name
-        for hook_name, fn, is_callback in hooks:
-            module._current_fx_name = hook_name
+        module._current_fx_name = name
+        for fn, is_callback in hooks:
             if is_callback:
                 fn(self.trainer, module, *args)
             else:
