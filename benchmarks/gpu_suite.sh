@@ -17,7 +17,8 @@
 #   speed-lenet  benchmarks/speed.py --model lenet
 #   ops          benchmarks/ops_per_step.py (MLP, LeNet, population): computing and syncing ops per step on CUDA
 #                tensors; benchmarks/accuracy_update.py: TopOneAccuracy vs MulticlassAccuracy, µs per update;
-#                benchmarks/stacked_loader.py: stacked training orders, one gather vs S gathers + stack
+#                benchmarks/stacked_loader.py: stacked training orders, one gather vs S gathers + stack;
+#                benchmarks/gather.py: the loader's gather, images[idx] vs index_select
 #   dispatch     benchmarks/step_dispatch.py: µs of a micro-batch's backward + optimizer step, Lightning's
 #                dispatch vs DirectSteps vs bare PyTorch
 #   compile      benchmarks/compile_step.py --mode reduce-overhead: one step eager vs CUDA graphs, p = 0 and 0.5
@@ -149,7 +150,8 @@ for stage in "${expanded[@]}"; do
             run ops-lenet "$py" benchmarks/ops_per_step.py --model lenet --device "$dev"
             run ops-population "$py" benchmarks/ops_per_step.py --model population --device "$dev"
             run accuracy-update "$py" benchmarks/accuracy_update.py --device "$dev"
-            run stacked-loader "$py" benchmarks/stacked_loader.py --orders 3 5 24 --device "$dev" ;;
+            run stacked-loader "$py" benchmarks/stacked_loader.py --orders 3 5 24 --device "$dev"
+            run gather "$py" benchmarks/gather.py --device "$dev" ;;
         speed-mlp) run speed-mlp "$py" benchmarks/speed.py --model mlp --device "$dev" --rounds 3 --workers 0 4 ;;
         speed-mlp-core)
             run speed-mlp-core "$py" benchmarks/speed.py --model mlp --device "$dev" --rounds 2 --workers 4 \

@@ -44,6 +44,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from speed import BATCH, add_device_args, chosen_device, device_name, make_model  # noqa: E402
 
+from dropout_lab.batches import take  # noqa: E402
 from dropout_lab.callbacks import ActivationVarianceMonitor  # noqa: E402
 from dropout_lab.data import FashionMNISTDataModule  # noqa: E402
 from dropout_lab.op_audit import OpRecorder, StepAudit  # noqa: E402
@@ -75,11 +76,11 @@ def bare_counts(args: argparse.Namespace, device: torch.device) -> tuple[Counter
     for step, idx in enumerate(torch.randperm(len(labels), device=device).split(BATCH)):
         if step == WARMUP:
             recorder.__enter__()
-        x = images[idx].unsqueeze(1).to(torch.float32).mul_(1 / 255)
+        x = take(images, idx).unsqueeze(1).to(torch.float32).mul_(1 / 255)
         if isinstance(model, PopulationMLP):  # each member's mean loss, summed; weight decay as the module adds it
-            loss = model.member_losses(model(x), labels[idx]).sum()
+            loss = model.member_losses(model(x), take(labels, idx)).sum()
         else:
-            loss = loss_fn(model(x), labels[idx])
+            loss = loss_fn(model(x), take(labels, idx))
         optimizer.zero_grad()
         loss.backward()
         if isinstance(model, PopulationMLP):

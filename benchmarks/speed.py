@@ -13,7 +13,10 @@ negligible, so its table shows what each path costs per step beyond the math, as
   dispatch``: the same through ``manual_backward`` and ``LightningOptimizer.step`` (``direct_steps = False``);
 * ``+ compile(mode)``: the ``CompileModule`` callback; ``+ fused``: ``SGD(fused=True)``;
 * ``+ uniform masks``: the ``UniformDropoutMasks`` callback (CPU only: dropout masks drawn as ``uniform > p``);
-* ``bare loop``: a plain PyTorch loop over device-resident tensors, eager, and compiled + fused (the floor).
+* ``+ advanced indexing``: the tensor loader gathering each batch as ``images[idx]`` instead of ``index_select``
+  (``batches.take``), as it did before; the same batches, slower on the CPU (``benchmarks/gather.py``);
+* ``bare loop``: a plain PyTorch loop over device-resident tensors, eager, and compiled + fused (the floor);
+  batches gathered with ``take`` as the tensor loader does, and for comparison with advanced indexing.
 
 The paths run interleaved for ``--rounds`` rounds; each round times the last epoch of an ``--epochs``-epoch run
 (steady state: compilation and CUDA-graph recording happen in the first epoch), and the table shows the median
@@ -27,6 +30,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import platform
@@ -39,6 +43,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from unittest import mock
 
 import lightning as L
 import torch
@@ -46,6 +51,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from dropout_lab import batches  # noqa: E402
+from dropout_lab.batches import take  # noqa: E402
 from dropout_lab.classifier import ClassifierModule  # noqa: E402
 from dropout_lab.data import FashionMNISTDataModule  # noqa: E402
 from dropout_lab.idx import find_or_install, load_arrays  # noqa: E402
@@ -84,6 +91,7 @@ class TrainerPath:
     fused: bool = False
     uniform: bool = False
     dispatch: bool = False
+    indexing: bool = False
 
     def name(self) -> str:
         """Row label of the table."""
@@ -95,6 +103,7 @@ class TrainerPath:
             "fused" if self.fused else "",
             "uniform masks" if self.uniform else "",
             "lightning dispatch" if self.dispatch else "",
+            "advanced indexing" if self.indexing else "",
         ]
         return " + ".join([base, *[e for e in extras if e]])
 
@@ -126,12 +135,24 @@ class TrainerPath:
         )  # fmt: skip
         model = make_model(args.model, self.fused, micro)
         model.direct_steps = not self.dispatch
-        trainer.fit(model, data)
+        with mock.patch.object(batches, "take", advanced_indexing) if self.indexing else contextlib.nullcontext():
+            trainer.fit(model, data)
         steps = trainer.num_training_batches * self.micro
         return timer.epochs[-1].train_s * math.ceil(N_TRAIN / BATCH) / min(steps, math.ceil(N_TRAIN / BATCH))
 
 
-def bare_epoch(args: argparse.Namespace, device: torch.device, compile_mode: str | None, fused: bool) -> float:
+def advanced_indexing(source: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """The gather the tensor loader used before ``batches.take``: ``source[idx]``."""
+    return source[idx]
+
+
+def bare_epoch(
+    args: argparse.Namespace,
+    device: torch.device,
+    compile_mode: str | None,
+    fused: bool,
+    gather: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = take,
+) -> float:
     """Last-epoch seconds of a plain loop over uint8 tensors on the device (eager, or compiled + fused)."""
     torch._dynamo.reset()
     torch.manual_seed(0)
@@ -149,8 +170,8 @@ def bare_epoch(args: argparse.Namespace, device: torch.device, compile_mode: str
         _sync()
         start = time.perf_counter()
         for idx in torch.randperm(len(labels), device=device).split(BATCH)[:steps]:
-            x = images[idx].unsqueeze(1).to(torch.float32).mul_(1 / 255)
-            loss = loss_fn(forward(x), labels[idx])
+            x = gather(images, idx).unsqueeze(1).to(torch.float32).mul_(1 / 255)
+            loss = loss_fn(forward(x), gather(labels, idx))
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -221,6 +242,7 @@ def build_paths(args: argparse.Namespace, device: torch.device, accelerator: str
         TrainerPath(barebones=True),
         TrainerPath(micro=args.micro),
         TrainerPath(micro=args.micro, dispatch=True),
+        TrainerPath(micro=args.micro, indexing=True),
         TrainerPath(compile=graphs, fused=True),
         TrainerPath(micro=args.micro, compile=graphs, fused=True),
     ]
@@ -228,6 +250,7 @@ def build_paths(args: argparse.Namespace, device: torch.device, accelerator: str
         trainer_paths += [TrainerPath(uniform=True), TrainerPath(micro=args.micro, uniform=True)]
     paths: dict[str, Callable[[], float]] = {p.name(): (lambda p=p: p.run(args, accelerator)) for p in trainer_paths}
     paths["bare loop, eager"] = lambda: bare_epoch(args, device, None, False)
+    paths["bare loop, eager, advanced indexing"] = lambda: bare_epoch(args, device, None, False, advanced_indexing)
     paths[f"bare loop + compile({graphs}) + fused"] = lambda: bare_epoch(args, device, graphs, True)
     if args.paths:
         unknown = [name for name in args.paths if name not in paths]

@@ -12,7 +12,7 @@ from jsonargparse.typing import NonNegativeInt, PositiveInt
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from dropout_lab.augment import BatchAugment
-from dropout_lab.batches import EpochPermutation, StackedBatchLoader, TensorBatchLoader, epoch_generator
+from dropout_lab.batches import EpochPermutation, StackedBatchLoader, TensorBatchLoader, epoch_generator, take
 from dropout_lab.idx import DataError, find_or_install, load_arrays
 
 __all__ = ["EpochPermutation", "FashionMNISTDataModule", "StackedBatchLoader", "TensorBatchLoader", "epoch_generator"]
@@ -119,15 +119,15 @@ class FashionMNISTDataModule(L.LightningDataModule):
         self._check_val_size(n_train)
         perm = torch.randperm(n_train, generator=torch.Generator().manual_seed(self.hparams.split_seed))
         val_idx, train_idx = perm[: self.hparams.val_size], perm[self.hparams.val_size :]
-        train_x = arrays.train_images[train_idx]
+        train_x = take(arrays.train_images, train_idx)
         if self.hparams.normalize:
             pixels = train_x.to(torch.float64) / 255.0
             self.mean, self.std = pixels.mean().item(), pixels.std().item()
         if self.trainer is not None and self.hparams.loader == "tensor":
             self.device = self.trainer.strategy.root_device
         splits = {
-            "train": (train_x, arrays.train_labels[train_idx]),
-            "val": (arrays.train_images[val_idx], arrays.train_labels[val_idx]),
+            "train": (train_x, take(arrays.train_labels, train_idx)),
+            "val": (take(arrays.train_images, val_idx), take(arrays.train_labels, val_idx)),
             "test": (arrays.test_images, arrays.test_labels),
         }
         self.splits = {k: (x.to(self.device), y.long().to(self.device)) for k, (x, y) in splits.items()}

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from dropout_lab import idx
+from dropout_lab.batches import take
 from dropout_lab.data import EpochPermutation, FashionMNISTDataModule, TensorBatchLoader
 from dropout_lab.idx import DataError, find_or_install, load_arrays, torchvision_raw_dir
 
@@ -285,6 +286,18 @@ def test_epochs_differ_and_repeat() -> None:
     assert torch.equal(torch.cat(epoch_indices(coded_loader(1000, 100, seed=3), 1)), e1)  # same seed, same order
     assert not torch.equal(torch.cat(epoch_indices(coded_loader(1000, 100, seed=4), 1)), e1)  # other seed
     assert torch.equal(torch.cat(epoch_indices(loader)), e0)  # iterating again without set_epoch: same epoch
+
+
+@pytest.mark.parametrize("shape", [(37,), (9, 4), (1,)])
+def test_take_is_advanced_indexing(shape: tuple[int, ...]) -> None:
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (50, 28, 28), dtype=torch.uint8, generator=gen)
+    labels = torch.randint(0, 10, (50,), generator=gen)
+    idx = torch.randint(0, 50, shape, generator=gen)  # repeats included
+    for source in (images, labels, images.transpose(1, 2)):  # a non-contiguous source too
+        got = take(source, idx)
+        assert got.dtype == source.dtype
+        assert torch.equal(got, source[idx])
 
 
 def test_unshuffled_is_file_order() -> None:
