@@ -35,8 +35,13 @@ class CompileModule(Callback):
     other callbacks are unchanged. Compiled dropout draws its masks with the compiler's own random-number kernel,
     so the masks (and so the loss curve) differ from eager ones draw by draw but not in distribution; runs stay
     reproducible for a fixed seed on one machine. Validation during ``fit`` runs the compiled forward in eval
-    mode (one more graph); after ``fit`` (or a failed ``fit``) the module runs eagerly again, so the test after
-    fit and the MC commands are eager. The first steps pay the compilation (seconds to tens of seconds).
+    mode (one more graph). Lightning runs that validation under ``torch.no_grad``, not ``torch.inference_mode``,
+    so no graph is compiled under inference mode, which can break the training graphs compiled after it
+    (pytorch/pytorch#135892, CUDA graphs); a test checks this for the sanity check too. After ``fit`` (or a failed
+    ``fit``) the module runs eagerly again, so the test after fit and the MC commands are eager, and its
+    gradients are cleared (set to None, as Lightning does before each validation) before Lightning moves it to
+    the CPU: under CUDA graphs they live in the graphs' memory. The first steps pay the compilation (seconds to
+    tens of seconds).
 
     Args:
         mode: ``default``; ``reduce-overhead`` (CUDA graphs on a GPU: one replay per forward and per backward,
@@ -56,13 +61,18 @@ class CompileModule(Callback):
         if stage == "fit":
             pl_module.compile(mode=self.mode, fullgraph=self.fullgraph, dynamic=self.dynamic)
 
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Clear the gradients before Lightning's teardown copies them (``module.cpu()``)."""
+        pl_module.zero_grad(set_to_none=True)
+
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         """Return the module to eager execution after ``fit`` (the test after fit then runs eagerly)."""
         if stage == "fit":
             _uncompile(pl_module)
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        """Also after a failed or interrupted ``fit`` (Lightning skips ``teardown`` then)."""
+        """Also after a failed or interrupted ``fit`` (Lightning skips ``teardown`` then, but not the move)."""
+        pl_module.zero_grad(set_to_none=True)
         _uncompile(pl_module)
 
 

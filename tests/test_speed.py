@@ -267,6 +267,48 @@ def test_compiled_micro_batches_count_the_training_accuracy(synthetic_env: None)
     assert abs(a.callback_metrics["train/acc"] - b.callback_metrics["train/acc"]) <= 1.01 / 500
 
 
+class GradModes(L.Callback):
+    """(inference mode, grad mode) of each validation batch."""
+
+    def __init__(self) -> None:
+        self.validation: set[tuple[bool, bool]] = set()
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        self.validation.add((torch.is_inference_mode_enabled(), torch.is_grad_enabled()))
+
+
+def test_compiled_fit_validates_under_no_grad(synthetic_env: None) -> None:
+    """Validation during a compiled fit (sanity check included) runs under no_grad, not inference mode (Lightning's
+    choice for the fit's validation loop; a graph compiled under inference mode can break later training graphs)."""
+    fresh_compiler()
+    modes = GradModes()
+    fit(DropoutMLP(hidden_sizes=[8], dropouts=[0.5]), 256, epochs=1, callbacks=[modes, CompileModule()])
+    assert_compiled("default")
+    assert modes.validation == {(False, False)}
+
+
+def test_compiled_fit_clears_the_gradients(synthetic_env: None) -> None:
+    """A fit that ends without validation (which clears them) leaves the last step's gradients; compiled, they are
+    cleared before Lightning moves the module to the CPU (under CUDA graphs they live in the graphs' memory)."""
+    fresh_compiler()
+    for callbacks, expected in (([], True), ([CompileModule()], False)):
+        model = DropoutMLP(hidden_sizes=[8], dropouts=[0.5], micro_batch_size=64)
+        trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                            callbacks=callbacks)  # fmt: skip
+        trainer.fit(model, FashionMNISTDataModule(batch_size=256, val_size=100))
+        assert {p.grad is not None for p in model.parameters()} == {expected}, callbacks
+
+
+def test_compiled_fit_clears_the_gradients_after_a_failure(synthetic_env: None) -> None:
+    fresh_compiler()
+    model = FailingStep(hidden_sizes=[8], dropouts=[0.5])
+    with pytest.raises(RuntimeError, match="boom"):
+        fit(model, 64, callbacks=[CompileModule()])
+    assert all(p.grad is None for p in model.parameters())
+    assert model._compiled_call_impl is None
+
+
 def dropout_keep_rates(forward: nn.Module, calls: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Keep rate of each call's mask, and the fraction of positions whose mask changed between calls."""
     x = torch.ones(64, 256, device=device)

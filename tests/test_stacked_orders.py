@@ -112,19 +112,35 @@ def test_member_j_of_every_cell_sees_order_j() -> None:
         pop(torch.rand(8, 3, 1, 28, 28))
 
 
+class _TrainingDevices(L.Callback):
+    """The device types of the weights and of the batches seen in training steps."""
+
+    def __init__(self) -> None:
+        self.seen: set[str] = set()
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
+        self.seen |= {pl_module.net[0].weight.device.type, batch[0].device.type, batch[1].device.type}
+
+
 def _fit_population(data_dir: Path, batch_size: int, micro: int | None, accelerator: str = "cpu") -> PopulationMLP:
+    """A 12-step fit; ``pop.training_devices``: the device types seen in its steps (Lightning moves the module
+    back to the CPU when ``fit`` ends)."""
     L.seed_everything(3)
     pop = PopulationMLP((16,), [(0.5,), (0.0,)], members_per_cell=2, init_seeds=[3, 5], micro_batch_size=micro)
     dm = FashionMNISTDataModule(data_dir=str(data_dir), val_size=100, batch_size=batch_size, shuffle_seeds=[3, 5])
+    devices = _TrainingDevices()
     trainer = L.Trainer(max_steps=12, accelerator=accelerator, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)  # fmt: skip
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                        callbacks=[devices])  # fmt: skip
     trainer.fit(pop, datamodule=dm)
+    pop.training_devices = devices.seen
     return pop
 
 
 def test_micro_batches_of_stacked_orders_make_the_same_updates(tv_data_dir: Path) -> None:
     """Batch 32 split into micro-batches of 8 = batch 8: the stacked batch is split along its first (batch) axis."""
     whole, split = _fit_population(tv_data_dir, 8, None), _fit_population(tv_data_dir, 32, 8)
+    assert whole.training_devices == split.training_devices == {"cpu"}
     for a, b in zip(whole.parameters(), split.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
     start = PopulationMLP((16,), [(0.5,), (0.0,)], members_per_cell=2, init_seeds=[3, 5])
@@ -136,7 +152,7 @@ def test_micro_batches_of_stacked_orders_make_the_same_updates(tv_data_dir: Path
 def test_gpu_micro_batches_of_stacked_orders_make_the_same_updates(tv_data_dir: Path) -> None:
     """On CUDA (the set on the GPU, orders gathered there): batch 32 in micro-batches of 8 = batch 8."""
     whole, split = _fit_population(tv_data_dir, 8, None, "gpu"), _fit_population(tv_data_dir, 32, 8, "gpu")
-    assert whole.net[0].weight.is_cuda
+    assert whole.training_devices == split.training_devices == {"cuda"}
     for a, b in zip(whole.parameters(), split.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
