@@ -100,15 +100,61 @@ def _shared_forward(module: nn.Module, chunk: Tensor, copies: int, repeater: _Pa
     return out
 
 
+@contextlib.contextmanager
+def _float64(module: nn.Module, device: torch.device) -> Iterator[Callable[[Tensor], Tensor]]:
+    """The module's floating parameters and buffers in float64 meanwhile; yields the same cast for inputs.
+
+    Afterwards every parameter gets its own tensor back and every buffer entry its own object (bit for bit
+    and dtype for dtype, also for a module of mixed dtypes). Reduced precision (TF32 matmuls and cuDNN
+    convolutions, bf16, fp16) may round a row differently in a forward of another size (another kernel,
+    another rounding); in float64 such differences stay far below the sharing check's tolerance. On a device
+    without float64 (MPS) the module is left as it is.
+    """
+    if device.type not in ("cpu", "cuda"):
+        yield lambda t: t
+        return
+    params: list[tuple[nn.Parameter, Tensor]] = []
+    buffers: list[tuple[nn.Module, str, Tensor]] = []
+    try:
+        for m in module.modules():
+            for p in m._parameters.values():
+                if p is not None and p.is_floating_point() and p.dtype != torch.float64:
+                    params.append((p, p.data))
+                    p.data = p.data.double()
+            for name, b in m._buffers.items():
+                if b is not None and b.is_floating_point() and b.dtype != torch.float64:
+                    buffers.append((m, name, b))
+                    m._buffers[name] = b.double()
+        yield lambda t: t.double() if t.is_floating_point() else t
+    finally:
+        for p, data in params:
+            p.data = data
+        for m, name, b in buffers:
+            m._buffers[name] = b
+
+
 def _sharing_holds(module: nn.Module, x: Tensor, repeater: _PassRepeater, rows: int) -> bool:
     """Whether sharing the prefix gives this network's passes: the same outputs from the same random draws.
 
     A few tiny forwards (1 input x 2 passes, and 2 inputs x 3 passes when there are 2, fewer passes when
     ``rows``, the forwards' row limit, is smaller), each run shared and with the inputs repeated up front, from
-    the same random state; the caller's random state is left as it was.
+    the same random state; the caller's random state is left as it was. When they disagree in the module's own
+    precision, they run again in float64 (:func:`_float64`), which decides: reduced precision (TF32, bf16, fp16)
+    may round a row differently in a forward of another size, which is not a difference of structure.
     A network that feeds a second noise layer from before the first, or uses a tensor from before it after
     it, draws or combines its noise differently when shared, and so fails (or raises, which counts as failing).
     """
+    if _outputs_agree(module, x, repeater, rows):
+        return True
+    floating = [t for t in (*module.parameters(), *module.buffers()) if t.is_floating_point()]
+    if all(t.dtype == torch.float64 for t in floating) and x.dtype == torch.float64:
+        return False
+    with _float64(module, x.device) as cast:
+        return _outputs_agree(module, cast(x[:2]), repeater, rows)
+
+
+def _outputs_agree(module: nn.Module, x: Tensor, repeater: _PassRepeater, rows: int) -> bool:
+    """The probe forwards of :func:`_sharing_holds`, shared and not, in the dtypes of ``module`` and ``x``."""
     device = x.device
     devices = [device] if device.type == "cuda" else []
     for n, k in ((1, min(2, rows)), (2, min(3, rows // 2))):

@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics.functional.classification import multiclass_calibration_error
 
-from dropout_lab import mc_results
+from dropout_lab import mc_passes, mc_results
 from dropout_lab.calibration import calibration_metrics, reliability_bins
 from dropout_lab.dropconnect import DropConnectLinear
 from dropout_lab.dropout import Dropout, StochasticModule, stochastic_modules
@@ -27,6 +27,8 @@ from dropout_lab.models import (
     StochasticActivationMLP,
 )
 from dropout_lab.plots import plot_reliability, plot_rotated, plot_summaries_vs_T
+from dropout_lab.population import PopulationMLP
+from dropout_lab.regression import MCDropoutRegressor, mc_moments
 from dropout_lab.rotated import rotated_image_experiment, rotated_table
 from dropout_lab.uncertainty import (
     MCResult,
@@ -233,6 +235,77 @@ def test_shared_prefix_runs_the_layers_before_the_first_dropout_once_per_input(c
     prefix.clear()
     mc_predict(model, x, T, chunk_size=chunk, share_prefix=False)
     assert sum(prefix) == 300 * T
+
+
+def example(name: str) -> tuple[nn.Module, torch.Tensor]:
+    """A network of the package and inputs for it: the MODELS, two in bf16, a channels-last LeNet, a regressor."""
+    if name == "regression":
+        return MCDropoutRegressor(hidden_size=8, num_layers=2), torch.linspace(-1, 1, 5)[:, None]
+    if name == "lenet channels_last":
+        return LeNet(channels=(4, 6), hidden=16, channels_last=True), images(3)
+    base, _, dtype = name.partition(" ")
+    model, x = make(base), images(3)
+    return (model.to(torch.bfloat16), x.to(torch.bfloat16)) if dtype else (model, x)
+
+
+EXAMPLES = [*MODELS, "dropout bf16", "lenet bf16", "lenet channels_last", "regression"]
+
+
+@pytest.mark.parametrize("name", EXAMPLES)
+def test_every_model_shares_its_prefix(name: str) -> None:
+    """The sharing check passes, without a warning, for every network of the package, in bf16 too."""
+    model, x = example(name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        (mc_moments if name == "regression" else mc_predict)(model, x, 6)
+
+
+def tensors(module: nn.Module) -> list[tuple[str, torch.dtype, int, torch.Tensor]]:
+    """Every parameter's and buffer's name, dtype, storage and a copy of its values."""
+    named = [*module.named_parameters(), *module.named_buffers()]
+    return [(name, t.dtype, t.data_ptr(), t.detach().clone()) for name, t in named]
+
+
+@pytest.mark.parametrize("name", [*EXAMPLES, "population bf16"])
+def test_the_float64_probe_gives_every_tensor_back(name: str) -> None:
+    """Inside, every floating parameter and buffer is float64; afterwards each is as it was: the same storage,
+    dtype and values (a bf16 population keeps some float32 buffers: mixed dtypes)."""
+    if name == "population bf16":
+        model = PopulationMLP(hidden_sizes=(8,), dropouts=[[0.5], [0.1]]).to(torch.bfloat16)
+        floating = [t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()]
+        assert {t.dtype for t in floating} == {torch.bfloat16, torch.float32}
+    else:
+        model, _ = example(name)
+    before = tensors(model)
+    with mc_passes._float64(model, torch.device("cpu")) as cast:
+        assert all(t.dtype == torch.float64 for t in (*model.parameters(), *model.buffers()) if t.is_floating_point())
+        assert cast(torch.ones(2)).dtype == torch.float64
+        assert cast(torch.ones(2, dtype=torch.int64)).dtype == torch.int64
+    after = tensors(model)
+    assert [t[:3] for t in after] == [t[:3] for t in before]
+    assert all(torch.equal(a[3], b[3]) for a, b in zip(after, before, strict=True))
+
+
+class BatchSizeRounding(nn.Module):
+    """Rounds its output to bf16 in float32 forwards of more than one row, as a kernel picked by batch size may
+    (TF32 tensor cores for a larger batch, say); exact in float64."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 and x.shape[0] > 1:
+            return x.to(torch.bfloat16).to(torch.float32)
+        return x
+
+
+def test_the_sharing_check_ignores_rounding_that_depends_on_the_batch_size() -> None:
+    torch.manual_seed(0)
+    model = DropoutMLP(hidden_sizes=SMALL, dropouts=[0.5, 0.5])
+    model.net.insert(2, BatchSizeRounding())  # after the first Linear: in the shared prefix
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        shared, plain = same_draws(model, images(3), 8)
+    # the passes are the network's own up to that rounding (bf16: 8 significant bits)
+    torch.testing.assert_close(shared, plain, rtol=0.05, atol=0.05)
+    assert distinct_passes(shared) == 8
 
 
 class SkipAroundDropout(nn.Module):
