@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -30,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.compile_step import make_step  # noqa: E402
-from benchmarks.speed import add_device_args, chosen_device, device_name  # noqa: E402
+from benchmarks.speed import add_device_args, chosen_device, device_name, interleaved_times  # noqa: E402
 from dropout_lab.dropout import Dropout, uniform_like  # noqa: E402
 from dropout_lab.models import DropoutMLP  # noqa: E402
 from dropout_lab.stacked import MemberDropout  # noqa: E402
@@ -113,28 +112,13 @@ def main() -> None:
     args = parser.parse_args()
     device = chosen_device(args)
 
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
     groups = [
         (layer_paths(device), args.repeats),
         (step_paths(device), args.repeats),
         (mc_paths(device, args.mc_images, args.mc_passes), 1),
     ]
-    times: dict[str, list[float]] = {name: [] for paths, _ in groups for name in paths}
-    for r in range(args.rounds + 1):  # round 0 warms up
-        for paths, repeats in groups:
-            for name, run in paths.items():
-                sync()
-                start = time.perf_counter()
-                for _ in range(repeats):
-                    run()
-                sync()
-                if r:
-                    times[name].append((time.perf_counter() - start) / repeats * 1e3)
-        if r:
-            print(f"round {r}/{args.rounds} done", file=sys.stderr)
+    runs = {name: (run, repeats) for paths, repeats in groups for name, run in paths.items()}
+    times = {name: [t * 1e3 for t in ts] for name, ts in interleaved_times(runs, args.rounds, device, True).items()}
 
     print(f"\ndevice: {device_name(device)}; torch {torch.__version__}; median of {args.rounds} interleaved rounds\n")
     print("| path | ms | × uniform masks |")

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,7 +23,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.speed import add_device_args, chosen_device, device_name  # noqa: E402
+from benchmarks.speed import add_device_args, chosen_device, device_name, interleaved_times  # noqa: E402
 from dropout_lab.batches import take  # noqa: E402
 
 N_IMAGES = 55_000
@@ -57,21 +56,8 @@ def main() -> None:
     args = parser.parse_args()
     device = chosen_device(args)
 
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    runs = {name: run for batch in args.batches for name, run in paths(device, batch).items()}
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for r in range(args.rounds + 1):  # round 0 warms up
-        for name, run in runs.items():
-            sync()
-            start = time.perf_counter()
-            for _ in range(args.repeats):
-                run()
-            sync()
-            if r:
-                times[name].append((time.perf_counter() - start) / args.repeats * 1e6)
+    runs = {name: (run, args.repeats) for batch in args.batches for name, run in paths(device, batch).items()}
+    times = {name: [t * 1e6 for t in ts] for name, ts in interleaved_times(runs, args.rounds, device).items()}
 
     print(f"\ndevice: {device_name(device)}; torch {torch.__version__}; median of {args.rounds} interleaved rounds\n")
     print("| path | µs | × take |")
