@@ -118,7 +118,7 @@ def main() -> None:
         (mc_paths(device, args.mc_images, args.mc_passes), 1),
     ]
     runs = {name: (run, repeats) for paths, repeats in groups for name, run in paths.items()}
-    times = {name: [t * 1e3 for t in ts] for name, ts in interleaved_times(runs, args.rounds, device, True).items()}
+    times = {name: [t * 1e3 for t in ts] for name, ts in interleaved_times(runs, args.rounds, True).items()}
 
     print(f"\ndevice: {device_name(device)}; torch {torch.__version__}; median of {args.rounds} interleaved rounds\n")
     print("| path | ms | × uniform masks |")

@@ -57,7 +57,7 @@ def main() -> None:
     device = chosen_device(args)
 
     runs = {name: (run, args.repeats) for batch in args.batches for name, run in paths(device, batch).items()}
-    times = {name: [t * 1e6 for t in ts] for name, ts in interleaved_times(runs, args.rounds, device).items()}
+    times = {name: [t * 1e6 for t in ts] for name, ts in interleaved_times(runs, args.rounds).items()}
 
     print(f"\ndevice: {device_name(device)}; torch {torch.__version__}; median of {args.rounds} interleaved rounds\n")
     print("| path | µs | × take |")

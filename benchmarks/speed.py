@@ -227,23 +227,21 @@ def chosen_device(args: argparse.Namespace) -> torch.device:
 
 
 def interleaved_times(
-    runs: dict[str, tuple[Callable[[], object], int]], rounds: int, device: torch.device, progress: bool = False
+    runs: dict[str, tuple[Callable[[], object], int]], rounds: int, progress: bool = False
 ) -> dict[str, list[float]]:
     """Seconds per call of each ``run``, called ``repeats`` times per round: ``{name: (run, repeats)}``.
 
-    Every round calls the runs in order, the device synchronized around each timed block; a first round warms up
-    and is not kept, so each list holds ``rounds`` values. ``progress``: a line on stderr after each round.
+    Every round calls the runs in order, CUDA (when present) synchronized around each timed block; a first round
+    warms up and is not kept, so each list holds ``rounds`` values. ``progress``: a line on stderr after each round.
     """
     times: dict[str, list[float]] = {name: [] for name in runs}
     for r in range(rounds + 1):
         for name, (run, repeats) in runs.items():
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+            _sync()
             start = time.perf_counter()
             for _ in range(repeats):
                 run()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+            _sync()
             if r:
                 times[name].append((time.perf_counter() - start) / repeats)
         if r and progress:

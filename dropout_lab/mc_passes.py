@@ -146,9 +146,6 @@ def _sharing_holds(module: nn.Module, x: Tensor, repeater: _PassRepeater, rows: 
     """
     if _outputs_agree(module, x, repeater, rows):
         return True
-    floating = [t for t in (*module.parameters(), *module.buffers()) if t.is_floating_point()]
-    if all(t.dtype == torch.float64 for t in floating) and x.dtype == torch.float64:
-        return False
     with _float64(module, x.device) as cast:
         return _outputs_agree(module, cast(x[:2]), repeater, rows)
 
