@@ -58,7 +58,7 @@ def load_co2() -> tuple[np.ndarray, np.ndarray]:
     series = co2.load_pandas().data["co2"].dropna()
     index = series.index
     days = np.where(index.is_leap_year, 366.0, 365.0)
-    t = index.year.to_numpy(np.float64) + (index.dayofyear.to_numpy(np.float64) - 1.0) / days
+    t = index.year.to_numpy(np.float64) + (index.day_of_year.to_numpy(np.float64) - 1.0) / days
     return t, series.to_numpy(np.float64)
 
 
