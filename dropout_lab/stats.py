@@ -57,10 +57,15 @@ def welch_t(a: Sequence[float], b: Sequence[float]) -> tuple[float, float, float
 
 
 def holm(pvalues: Sequence[float]) -> list[float]:
-    """Holm–Bonferroni adjusted p-values (step-down; family-wise error rate), in the input order."""
-    order = sorted(range(len(pvalues)), key=lambda i: pvalues[i])
-    adjusted, running = [0.0] * len(pvalues), 0.0
+    """Holm–Bonferroni adjusted p-values (step-down; family-wise error rate), in the input order.
+
+    An undefined p-value (NaN: a sample with fewer than two values) is no test: it stays NaN and does not count
+    in the family size.
+    """
+    tested = [i for i, p in enumerate(pvalues) if not math.isnan(p)]
+    order = sorted(tested, key=lambda i: pvalues[i])
+    adjusted, running = [math.nan] * len(pvalues), 0.0
     for rank, i in enumerate(order):
-        running = max(running, min(1.0, (len(pvalues) - rank) * pvalues[i]))
+        running = max(running, min(1.0, (len(order) - rank) * pvalues[i]))
         adjusted[i] = running
     return adjusted

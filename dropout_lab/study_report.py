@@ -126,7 +126,7 @@ def summarize(study: Study, rows: Rows) -> dict[str, CellStats]:
 
 def _pm(values: Sequence[float], scale: float = 100.0) -> str:
     mean, std = mean_std(values)
-    return f"{scale * mean:.2f} ± {scale * std:.2f}"
+    return f"{scale * mean:.2f} ± {scale * std:.2f}" if len(values) > 1 else f"{scale * mean:.2f} ± —"  # n = 1
 
 
 def _p(p: float) -> str:
@@ -137,10 +137,16 @@ def _mark(p: float) -> str:
     return "–" if math.isnan(p) else "**yes**" if p < ALPHA else "no"
 
 
+def _baseline_tests(study: Study, stats: dict[str, CellStats]) -> dict[str, float]:
+    """Welch's p of every cell against the baseline (NaN where either side has fewer than two seeds)."""
+    base = stats.get(study.baseline)
+    return {n: welch_t(s.accs, base.accs)[2] for n, s in stats.items() if base and n != study.baseline}
+
+
 def tables(study: Study, stats: dict[str, CellStats]) -> str:
     """The markdown tables: every cell against the baseline, then the study's ``compare`` pairs."""
     base = stats.get(study.baseline)
-    tests = {n: welch_t(s.accs, base.accs)[2] for n, s in stats.items() if base and n != study.baseline}
+    tests = _baseline_tests(study, stats)
     adjusted = dict(zip(tests, holm(list(tests.values())), strict=True)) if tests else {}
     lines = [
         f"| cell | test acc % | best val acc % | train − val gap % | n | Δ test vs {study.baseline} (points) | "
@@ -273,11 +279,13 @@ def write_report(study: Study, rows: Rows, curves: Rows) -> list[Path]:
         return []
     minutes = sum(s.seconds for s in stats.values()) / 60
     seeds = sorted({seed for s in stats.values() for seed in s.seeds})
+    tested = sum(not math.isnan(p) for p in _baseline_tests(study, stats).values())
+    untested = " (a comparison with one seed on a side has no test: –)" if tested < max(len(stats) - 1, 0) else ""
     text = (
         f"### {study.name}\n\n{tables(study, stats)}\n\n"
         f"Test accuracy of the best checkpoint (by val/acc); gap = final-epoch train accuracy (dropout on) − "
         f"validation accuracy. p: Welch's two-sided t-test over seeds {seeds}; Holm = adjusted for the "
-        f"{max(len(stats) - 1, 0)} comparisons with the baseline. Runs' summed time: {minutes:.1f} min.\n"
+        f"{tested} comparisons with the baseline{untested}. Runs' summed time: {minutes:.1f} min.\n"
     )
     text += _population_note(study, stats)
     md, png = study.out / f"{study.name}.md", study.out / f"{study.name}.png"

@@ -118,6 +118,15 @@ def test_statistics_on_known_numbers() -> None:
     assert holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
 
 
+def test_holm_leaves_undefined_p_values_out_of_the_family() -> None:
+    # a NaN p (a cell with one seed) is no test: it stays NaN and the others are corrected as a family of two
+    adjusted = holm([0.001, math.nan, 0.002])
+    assert adjusted[0] == pytest.approx(0.002) and adjusted[2] == pytest.approx(0.002)
+    assert math.isnan(adjusted[1])
+    assert holm([math.nan, 0.001, 0.002])[1:] == pytest.approx([0.002, 0.002])
+    assert all(math.isnan(p) for p in holm([math.nan, math.nan]))
+
+
 def test_welch_matches_scipy_when_installed() -> None:
     stats = pytest.importorskip("scipy.stats")
     a, b = [0.8812, 0.8790, 0.8851, 0.8833, 0.8802], [0.8768, 0.8801, 0.8749]
@@ -142,6 +151,20 @@ def test_table_marks_significant_cells(tmp_path: Path) -> None:
     assert "| x=2 | 86.10 ± 0.30 | 90.00 ± 0.00 | 1.00 ± 0.00 | 3 | +1.03 | 0.011 | 0.021 | **yes** |" in text
     assert "| x=3 |" in text and "| no |" in text
     assert "| x=2 | x=3 | 86.10 ± 0.30 | 85.10 ± 0.10 | +1.00 |" in text
+
+
+def test_a_cell_with_one_seed_has_no_spread_and_no_test(tmp_path: Path) -> None:
+    study = load_study(write_study(tmp_path / "s.yaml", "base: b.yaml\ngrid: {x: [1, 2, 3]}\nseeds: 3\n"))
+    accs = {"x=1": [0.850, 0.853, 0.849], "x=2": [0.861, 0.858, 0.864], "x=3": [0.80]}
+    rows = [
+        {"cell": c, "seed": str(s), "test_acc": str(a), "best_val_acc": "0.9", "gap": "0.01", "seconds": "1"}
+        for c, values in accs.items()
+        for s, a in enumerate(values)
+    ]
+    text = tables(study, summarize(study, rows))
+    # x=3's undefined p is left out of Holm's family: x=2 is corrected as one comparison, not two
+    assert "| x=2 | 86.10 ± 0.30 | 90.00 ± 0.00 | 1.00 ± 0.00 | 3 | +1.03 | 0.011 | 0.011 | **yes** |" in text
+    assert "| x=3 | 80.00 ± — | 90.00 ± — | 1.00 ± — | 1 | -5.07 | – | – | – |" in text
 
 
 TINY = (
