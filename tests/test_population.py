@@ -30,22 +30,28 @@ def batches(n: int = 192, seed: int = 0) -> DataLoader:
     return DataLoader(TensorDataset(x, y), batch_size=64, shuffle=False)
 
 
-def fit(model: L.LightningModule, steps: int, accumulate: int = 1) -> None:
+def fit(model: L.LightningModule, steps: int, accumulate: int = 1, clip: float | None = None,
+        clip_algorithm: str = "norm", seed: int = 0) -> None:  # fmt: skip
     trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False,
-                        accumulate_grad_batches=accumulate)  # fmt: skip
-    trainer.fit(model, train_dataloaders=batches())
+                        enable_progress_bar=False, enable_model_summary=False, accumulate_grad_batches=accumulate,
+                        gradient_clip_val=clip, gradient_clip_algorithm=clip_algorithm)  # fmt: skip
+    trainer.fit(model, train_dataloaders=batches(seed=seed))
 
 
 def linears(module: nn.Module) -> list[nn.Linear]:
     return [m for m in module.modules() if isinstance(m, nn.Linear)]
 
 
-@pytest.mark.parametrize("accumulate", [1, 2])
-def test_members_train_exactly_like_independent_models(accumulate: int) -> None:
+@pytest.mark.parametrize(
+    ("accumulate", "clip", "algorithm"), [(1, None, "norm"), (2, None, "norm"), (1, 0.05, "norm"), (2, 0.05, "norm"),
+                                          (1, 0.002, "value")]
+)  # fmt: skip
+def test_members_train_exactly_like_independent_models(accumulate: int, clip: float | None, algorithm: str) -> None:
     """No dropout (so no randomness): 2 cells (weight decay 0 and 0.05) × 2 members vs 4 DropoutMLPs.
 
     With ``accumulate_grad_batches`` 2 too: the weight decay is added once per optimizer step, as SGD adds it.
+    With gradient clipping: each member is clipped by its own gradient (not the population's), before its
+    weight decay is added, as a separate run clips and then SGD adds the decay.
     """
     wds = [0.0, 0.0, 0.05, 0.05]
     sgd = partial(torch.optim.SGD, lr=0.1, momentum=0.9)
@@ -59,8 +65,8 @@ def test_members_train_exactly_like_independent_models(accumulate: int) -> None:
         for layer, linear in zip(stacked, linears(single), strict=True):
             layer.load_linear(k, linear)
     for single in singles:
-        fit(single, steps=6, accumulate=accumulate)
-    fit(pop, steps=6, accumulate=accumulate)
+        fit(single, steps=6, accumulate=accumulate, clip=clip, clip_algorithm=algorithm)
+    fit(pop, steps=6, accumulate=accumulate, clip=clip, clip_algorithm=algorithm)
     for k, single in enumerate(singles):
         for layer, linear in zip(stacked, linears(single), strict=True):
             torch.testing.assert_close(layer.weight[k].T, linear.weight, rtol=1e-4, atol=1e-5)
