@@ -9,6 +9,7 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.trainer.states import TrainerFn
 
 __all__ = [
     "DivergenceError",
@@ -97,8 +98,11 @@ class DivergenceGuard(Callback):
             self.check(trainer)
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Never validate (and so never checkpoint) a diverged model."""
-        if trainer.training:
+        """Never validate (and so never checkpoint) a diverged model: also a validation inside an epoch.
+
+        (``trainer.training`` is already False here, so the fit is recognized by its stage.)
+        """
+        if trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking:
             self.check(trainer, pl_module)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -144,21 +148,15 @@ class LastEveryEpochCheckpoint(ModelCheckpoint):
             self._save_last_now(trainer)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Write ``last.ckpt`` at the end of every epoch that does not end with a validation run.
+        """Write ``last.ckpt`` at the end of every epoch, unless this step was just saved.
 
-        That is every epoch of a run without validation, and the epochs in between of a run that validates every
-        N epochs (``trainer.check_val_every_n_epoch``); the others save in :meth:`on_validation_end`.
+        The validation that ends an epoch runs before this hook and has saved it then; an epoch that validates
+        only inside it (``val_check_interval`` < 1, or an integer one with ``check_val_every_n_epoch: null``),
+        or not at all (``check_val_every_n_epoch`` N, no validation data), saves its last weights here.
         """
         super().on_train_epoch_end(trainer, pl_module)
-        if self._should_save_on_train_epoch_end(trainer) or not _validates_this_epoch(trainer):
-            self._save_last_now(trainer)
+        self._save_last_now(trainer)
 
     def _save_last_now(self, trainer: L.Trainer) -> None:
         if self.save_last and not self._should_skip_saving_checkpoint(trainer):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
-
-
-def _validates_this_epoch(trainer: L.Trainer) -> bool:
-    """Whether the current training epoch ends with a validation run (``check_val_every_n_epoch``)."""
-    every = trainer.check_val_every_n_epoch
-    return trainer.enable_validation and (every is None or (trainer.current_epoch + 1) % every == 0)

@@ -13,12 +13,21 @@ import sys
 import time
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 import yaml
 from test_cli import MLP, cli_env, error_lines, explain, local, run_cli, run_main, scalars
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
-from dropout_lab.reliability import DivergenceGuard, rng_state, set_rng_state
+from dropout_lab.reliability import (
+    DivergenceError,
+    DivergenceGuard,
+    LastEveryEpochCheckpoint,
+    rng_state,
+    set_rng_state,
+)
 
 PAUSE_AT = '''
 import time
@@ -245,6 +254,54 @@ def test_guard_names_the_first_bad_step() -> None:
         guard.on_train_batch_end(trainer, None, {"loss": torch.tensor(loss)}, None, step)  # type: ignore[arg-type]
     with pytest.raises(Exception, match="at step 2 "):
         guard.check(trainer)  # type: ignore[arg-type]
+
+
+class _Regression(L.LightningModule):
+    """A linear least-squares model whose loss is infinite on the step(s) ``bad_steps``."""
+
+    def __init__(self, bad_steps: tuple[int, ...] = ()) -> None:
+        super().__init__()
+        self.lin, self.bad_steps = nn.Linear(4, 1), bad_steps
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = (self.lin(batch[0]) - batch[1]).pow(2).mean()
+        return loss * math.inf if self.global_step in self.bad_steps else loss
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self.log("val_loss", (self.lin(batch[0]) - batch[1]).pow(2).mean())
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def _fit_small(root: Path, model: L.LightningModule, n: int, callbacks: list, **trainer_args: object) -> L.Trainer:
+    data = TensorDataset(torch.randn(n, 4, generator=torch.Generator().manual_seed(0)), torch.randn(n, 1))
+    trainer = L.Trainer(default_root_dir=root, num_sanity_val_steps=0, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=callbacks, **trainer_args)  # fmt: skip
+    trainer.fit(model, DataLoader(data, batch_size=4), DataLoader(data, batch_size=4))
+    return trainer
+
+
+def test_guard_checks_before_a_validation_inside_the_epoch(tmp_path: Path) -> None:
+    """A loss that turned inf off a log step is caught before a mid-epoch validation could checkpoint it."""
+    checkpoint = LastEveryEpochCheckpoint(dirpath=tmp_path, monitor="val_loss", save_top_k=1, save_last=True)
+    with pytest.raises(DivergenceError, match="at step 0 "):
+        _fit_small(tmp_path, _Regression(bad_steps=(0,)), 16, [DivergenceGuard(), checkpoint], max_epochs=1,
+                   val_check_interval=0.5, log_every_n_steps=50)  # fmt: skip
+    assert list(tmp_path.glob("*.ckpt")) == []
+
+
+@pytest.mark.parametrize(
+    "schedule", [{"val_check_interval": 0.3}, {"val_check_interval": 3, "check_val_every_n_epoch": None}]
+)
+def test_last_checkpoint_holds_each_epochs_last_step_when_validation_is_inside_the_epoch(
+    tmp_path: Path, schedule: dict
+) -> None:
+    """10 batches an epoch, validation after batches 3, 6, 9 only: ``last.ckpt`` still gets the epoch's end."""
+    checkpoint = LastEveryEpochCheckpoint(dirpath=tmp_path, monitor="val_loss", save_top_k=1, save_last=True)
+    trainer = _fit_small(tmp_path, _Regression(), 40, [checkpoint], max_epochs=2, **schedule)
+    assert trainer.global_step == 20
+    assert torch.load(tmp_path / "last.ckpt", weights_only=True)["global_step"] == 20
 
 
 def test_rng_state_round_trip() -> None:
