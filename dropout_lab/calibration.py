@@ -8,7 +8,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torchmetrics.functional.classification import multiclass_calibration_error
 
 __all__ = ["ReliabilityBins", "calibration_metrics", "entropy", "reliability_bins"]
 
@@ -24,22 +23,23 @@ def calibration_metrics(probs: Tensor, targets: Tensor, n_bins: int = 15) -> dic
     Args:
         probs: (N, C) class probabilities (rows summing to 1).
         targets: (N,) true classes.
-        n_bins: equal-width confidence bins of the ECE (torchmetrics, L1 norm).
+        n_bins: equal-width confidence bins of the ECE (L1 norm), the bins of :func:`reliability_bins`, so the
+            printed ECE is the one in the reliability diagram's title.
 
     Returns:
         ``accuracy``; ``nll`` = mean −log p(target) (p clamped at 1e-12); ``brier`` = mean Σ_c (p_c − 1[c=y])²
         (0 to 2); ``ece``; ``confidence`` = mean max p; ``entropy`` = mean predictive entropy (nats).
     """
+    ece = reliability_bins(probs, targets, n_bins).ece  # binned in the probabilities' own precision, as plotted
     probs = probs.detach().to(torch.float64).clamp(0.0, 1.0)
     targets = targets.to(probs.device).long()
     confidence, predicted = probs.max(dim=-1)
     onehot = F.one_hot(targets, probs.shape[-1]).to(probs.dtype)
-    ece = multiclass_calibration_error(probs, targets, num_classes=probs.shape[-1], n_bins=n_bins, norm="l1")
     return {
         "accuracy": (predicted == targets).double().mean().item(),
         "nll": -probs.gather(1, targets[:, None]).clamp_min(1e-12).log().mean().item(),
         "brier": (probs - onehot).square().sum(-1).mean().item(),
-        "ece": ece.item(),
+        "ece": ece,
         "confidence": confidence.mean().item(),
         "entropy": entropy(probs).mean().item(),
     }
@@ -78,8 +78,12 @@ def reliability_bins(probs: Tensor, targets: Tensor, n_bins: int = 15) -> Reliab
         n_bins: number of equal-width confidence bins over [0, 1].
     """
     probs, targets = probs.detach().cpu(), targets.detach().cpu().long()
+    probs = probs.to(torch.promote_types(probs.dtype, torch.float32))
     confidence, predicted = probs.max(dim=-1)
-    edges = torch.linspace(0, 1, n_bins + 1, dtype=confidence.dtype)  # binned as torchmetrics does
+    # edges in at least float32, as torchmetrics bins (bf16 edges would move the bins); a confidence of exactly 1
+    # (a float32 softmax with a logit gap above ~17) goes to the last bin, where torchmetrics' ECE gives it a bin
+    # of its own
+    edges = torch.linspace(0, 1, n_bins + 1, dtype=confidence.dtype)
     index = (torch.bucketize(confidence, edges, right=True) - 1).clamp(0, n_bins - 1)
     confidence = confidence.to(torch.float64)
     count = torch.bincount(index, minlength=n_bins).to(torch.float64)

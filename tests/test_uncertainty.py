@@ -597,6 +597,25 @@ def test_reliability_bins_agree_with_torchmetrics_ece() -> None:
     assert calibration_metrics(probs, targets)["ece"] == pytest.approx(ece, abs=1e-6)
 
 
+def test_printed_and_plotted_ece_agree_at_confidence_one_and_in_bf16() -> None:
+    """A confidence of exactly 1 is in the last bin for both (torchmetrics would give it a 16th bin)."""
+    sure = torch.zeros(10, 10)
+    sure[:, 0] = 30.0  # float32 softmax: exactly 1.0
+    likely = torch.zeros(10, 10)
+    likely[:, 0] = math.log(0.95 / 0.05 * 9)  # confidence 0.95
+    probs = torch.cat([sure, likely]).softmax(-1)
+    assert probs[:10].max(-1).values.eq(1.0).all()
+    targets = torch.tensor([0] * 8 + [1] * 2 + [0] * 10)  # 0.8 right at confidence 1, all right at 0.95
+    # one bin [14/15, 1]: |0.9 − 0.975| = 0.075
+    assert calibration_metrics(probs, targets)["ece"] == pytest.approx(0.075, abs=1e-6)
+    assert reliability_bins(probs, targets).ece == pytest.approx(0.075, abs=1e-6)
+    gen = torch.Generator().manual_seed(1)
+    half = (3 * torch.randn(500, 10, generator=gen)).softmax(-1).bfloat16()
+    labels = torch.randint(0, 10, (500,), generator=gen)
+    assert calibration_metrics(half, labels)["ece"] == calibration_metrics(half.float(), labels)["ece"]
+    assert reliability_bins(half, labels).ece == calibration_metrics(half, labels)["ece"]
+
+
 # ---------------------------------------------------------------------------------------------- T, figures
 def test_summaries_vs_T(tmp_path) -> None:
     model, x = make("dropout"), images(20)
