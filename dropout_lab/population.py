@@ -23,6 +23,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor, nn
 
 from dropout_lab.classifier import ClassifierModule
+from dropout_lab.member_gradients import MemberGradients
 from dropout_lab.nets import NUM_CLASSES, NUM_INPUTS
 from dropout_lab.population_report import cell_table
 from dropout_lab.stacked import MemberDropout, StackedLinear, member_generators
@@ -36,7 +37,7 @@ def _best(name: str) -> str:
     return "best_" + name.replace(".", "_")
 
 
-class PopulationMLP(ClassifierModule):
+class PopulationMLP(MemberGradients, ClassifierModule):
     """``cells × members_per_cell`` dropout MLPs (the d2l architecture) trained together as one module.
 
     Logs the population means ``train/loss``, ``train/acc``, ``val/acc``, ``test/acc`` and, per member,
@@ -255,57 +256,6 @@ class PopulationMLP(ClassifierModule):
     def count_train(self, logits: Tensor, y: Tensor) -> None:
         """Add a batch's logits (K, B, 10) and labels to each member's training accuracy."""
         self._count("train", logits, y)
-
-    def _clipping(self) -> bool:
-        """Whether Lightning clips gradients in this fit (``trainer.gradient_clip_val`` > 0, automatic steps)."""
-        clip = self._trainer.gradient_clip_val if self._trainer is not None else None
-        return self.automatic_optimization and clip is not None and clip > 0
-
-    @torch.no_grad()
-    def _add_weight_decay(self) -> None:
-        """Add each member's ``wd · θ`` to its gradients, the term ``torch.optim.SGD(weight_decay=wd)`` adds."""
-        if not self._decays:
-            return
-        for param in self.parameters():
-            if param.grad is not None:
-                param.grad.addcmul_(param, self.wd.view(-1, *[1] * (param.dim() - 1)))  # in float32, rounded once
-
-    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Add the members' weight decay to their gradients, once per optimizer step.
-
-        Also with gradient accumulation or micro-batches, in one op per parameter. As an L2 term of the loss it
-        cost about 50 ops a step (forward and backward), and the swap study (all wd = 0) paid them for nothing.
-        When Lightning clips gradients, :meth:`configure_gradient_clipping` adds it instead, after the clipping,
-        where SGD adds it.
-        """
-        if not self._clipping():
-            self._add_weight_decay()
-
-    @torch.no_grad()
-    def configure_gradient_clipping(
-        self,
-        optimizer: torch.optim.Optimizer,
-        gradient_clip_val: float | None = None,
-        gradient_clip_algorithm: str | None = None,
-    ) -> None:
-        """Clip each member's gradient on its own, then add its weight decay (as a separate run clips, then SGD).
-
-        Lightning's ``norm`` clipping would take one norm over all K stacked members, so a member with large
-        gradients would shrink every other member's step. Here each member's gradient is scaled by
-        ``min(1, clip / (‖g_member‖ + 1e-6))``, ``clip_grad_norm_``'s factor over that member's slices alone.
-        ``value`` clipping is elementwise, so Lightning's own is already per member.
-        """
-        if not self._clipping():
-            return  # the weight decay was added in on_before_optimizer_step
-        grads = [p.grad for p in self.parameters() if p.grad is not None]
-        if gradient_clip_algorithm == "value":
-            self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
-        elif grads:
-            squares = torch.stack([g.flatten(1).float().pow(2).sum(1) for g in grads]).sum(0)  # (K,)
-            factor = (gradient_clip_val / (squares.sqrt() + 1e-6)).clamp(max=1.0)
-            for g in grads:
-                g.mul_(factor.view(-1, *[1] * (g.dim() - 1)).to(g.dtype))
-        self._add_weight_decay()
 
     def on_train_epoch_end(self) -> None:
         """Log the population's mean training accuracy and ``train/acc/<member>`` (dropout on)."""
