@@ -17,6 +17,7 @@ import itertools
 import json
 import re
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ import yaml
 
 from dropout_lab import study_report as report
 
-__all__ = ["Cell", "Study", "StudyError", "expand_grid", "load_study", "main", "pending", "run_args"]
+__all__ = ["Cell", "Study", "StudyError", "expand_grid", "expected_epochs", "load_study", "main", "pending", "run_args"]
 
 FIGURES = ("bar", "curves", "variance", "heatmap", "test_error")
 _KEYS = {"name", "base", "grid", "cells", "seeds", "epochs", "baseline", "compare", "figure", "args", "out",
@@ -134,6 +135,8 @@ def load_study(path: str | Path, out: str | Path | None = None) -> Study:
             raise StudyError(f"{path}: baseline/compare: no cell named {cell!r}; cells: {', '.join(names)}")
     if study.figure not in FIGURES:
         raise StudyError(f"{path}: figure: {study.figure!r} is not one of {', '.join(FIGURES)}")
+    if study.figure == "heatmap" and len(spec.get("grid") or {}) != 2:
+        raise StudyError(f"{path}: figure: heatmap needs a `grid` of exactly two keys (rows × columns)")
     return study
 
 
@@ -159,12 +162,48 @@ def run_args(study: Study, cell: Cell, seed: int, logdir: Path, extra: list[str]
     ]
 
 
-def pending(study: Study, done_rows: list[dict[str, str]]) -> list[tuple[Cell, int]]:
-    """The (cell, seed) pairs of ``study`` that have no row in ``done_rows`` yet, seeds outermost."""
-    other = sorted({r["max_epochs"] for r in done_rows} - {str(study.epochs)}) if study.epochs else []
-    if other:
-        msg = f"{study.out / 'results.csv'} holds runs of max_epochs {', '.join(other)}, not {study.epochs}"
-        raise StudyError(msg + "; pass that --epochs or another --out")
+def _last_option(args: list[str], key: str) -> str | None:
+    """The value the last ``--key=value`` or ``--key value`` in ``args`` gives (None if none does)."""
+    value = None
+    for i, arg in enumerate(args):
+        if arg.startswith(f"--{key}="):
+            value = arg.split("=", 1)[1]
+        elif arg == f"--{key}" and i + 1 < len(args):
+            value = args[i + 1]
+    return value
+
+
+def expected_epochs(study: Study, cell: Cell, extra: Sequence[str] = ()) -> str | None:
+    """``trainer.max_epochs`` of a run of ``cell``: from its arguments (:func:`run_args`), else its config file.
+
+    None when neither says (e.g. a config that includes another file): then the rows are not checked.
+    """
+    value = _last_option(run_args(study, cell, 0, Path("."), list(extra)), "trainer.max_epochs")
+    if value is None:
+        try:
+            config = yaml.safe_load(Path(cell.overrides.get("config", study.base)).read_text())
+            value = config["trainer"]["max_epochs"]
+        except (OSError, yaml.YAMLError, TypeError, KeyError):
+            return None
+    try:
+        return str(int(str(value)))
+    except ValueError:
+        return None
+
+
+def pending(study: Study, done_rows: list[dict[str, str]], extra: Sequence[str] = ()) -> list[tuple[Cell, int]]:
+    """The (cell, seed) pairs of ``study`` that have no row in ``done_rows`` yet, seeds outermost.
+
+    Raises:
+        StudyError: a finished row of a cell has another ``max_epochs`` than a run of that cell would now get
+            (from ``--epochs``, the study's ``epochs``, its arguments or the cell's config file).
+    """
+    for cell in study.cells:
+        expected = expected_epochs(study, cell, extra)
+        other = sorted({r["max_epochs"] for r in done_rows if r["cell"] == cell.name} - {expected})
+        if expected is not None and other:
+            msg = f"{study.out / 'results.csv'} holds runs of max_epochs {', '.join(other)}, not {expected}"
+            raise StudyError(f"{msg} (cell {cell.name}); pass that --epochs or another --out")
     done = {(r["cell"], int(r["seed"])) for r in done_rows}
     return [(c, s) for s in study.seeds for c in study.cells if (c.name, s) not in done]
 

@@ -45,7 +45,7 @@ def run_study(
     from dropout_lab.study_population import run_population
 
     results = study.out / "results.csv"
-    todo = pending(study, report.read_rows(results))
+    todo = pending(study, report.read_rows(results), extra)
     total = len(study.cells) * len(study.seeds)
     print(f"study {study.name}: {len(study.cells)} cells × {len(study.seeds)} seeds = {total} runs; "
           f"{total - len(todo)} done, {len(todo)} to run; results in {results}", flush=True)  # fmt: skip
@@ -59,7 +59,8 @@ def run_study(
         return
     study.out.mkdir(parents=True, exist_ok=True)
     _quiet_lightning()
-    with _exclusive(study.out):
+    # its results and its TensorBoard runs (removed and rewritten by each run) are this process's alone
+    with _exclusive(study.out, "--out"), _exclusive(logdir / study.name, "--logdir"):
         if population:
             run_population(study, todo, logdir, extra, keep)
         else:
@@ -69,13 +70,19 @@ def run_study(
 
 
 @contextlib.contextmanager
-def _exclusive(out: Path) -> Iterator[None]:
-    """Hold ``<out>/.study.lock`` so that two processes never run (and overwrite) the same study's runs."""
-    with (out / ".study.lock").open("w") as lock:
+def _exclusive(folder: Path, option: str) -> Iterator[None]:
+    """Hold ``<folder>/.study.lock``, so that two processes never run (and overwrite) the same runs.
+
+    ``option`` names the argument that picks another folder, for the message when another study holds it.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    with (folder / ".study.lock").open("w") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise StudyError(f"{out} is in use by another running study; wait for it, or pass another --out") from None
+            raise StudyError(
+                f"{folder} is in use by another running study; wait for it, or pass another {option}"
+            ) from None
         yield
 
 

@@ -97,6 +97,33 @@ def test_pending_skips_finished_pairs(tmp_path: Path) -> None:
         pending(study, [{"cell": "x=1", "seed": "0", "max_epochs": "5"}])
 
 
+def test_pending_checks_max_epochs_from_the_config_when_the_study_sets_none(tmp_path: Path) -> None:
+    """Without ``epochs``, a finished row must match what the cell's arguments or its config file give."""
+    (tmp_path / "b.yaml").write_text("trainer:\n  max_epochs: 3\n")
+    body = f"base: {tmp_path / 'b.yaml'}\ncells:\n  a: {{}}\n  long: {{trainer.max_epochs: 7}}\nseeds: 2\n"
+    study = load_study(write_study(tmp_path / "s.yaml", body))
+    ok = [{"cell": "a", "seed": "0", "max_epochs": "3"}, {"cell": "long", "seed": "0", "max_epochs": "7"}]
+    assert [(c.name, s) for c, s in pending(study, ok)] == [("a", 1), ("long", 1)]
+    with pytest.raises(StudyError, match=r"holds runs of max_epochs 5, not 3 \(cell a\)"):
+        pending(study, [{"cell": "a", "seed": "0", "max_epochs": "5"}])
+    with pytest.raises(StudyError, match=r"max_epochs 3, not 7 \(cell long\)"):
+        pending(study, [{"cell": "long", "seed": "0", "max_epochs": "3"}])
+    # options after `--` count too, in either spelling
+    assert len(pending(study, [{"cell": "a", "seed": "0", "max_epochs": "5"}], ["--trainer.max_epochs", "5"])) == 3
+    with pytest.raises(StudyError, match="not 4"):
+        pending(study, [{"cell": "a", "seed": "0", "max_epochs": "5"}], ["--trainer.max_epochs=4"])
+
+
+@pytest.mark.parametrize(
+    "grid", ["{a: [1, 2]}", "{a: [1, 2], b: [1], c: [3]}", None], ids=["one key", "three keys", "cells"]
+)
+def test_a_heatmap_needs_a_grid_of_two_keys(tmp_path: Path, grid: str | None) -> None:
+    cells = f"grid: {grid}" if grid else "cells: {x: {a: 1}, y: {a: 2}}"
+    with pytest.raises(StudyError, match="heatmap needs a `grid` of exactly two keys"):
+        load_study(write_study(tmp_path / "s.yaml", f"base: b.yaml\n{cells}\nfigure: heatmap\n"))
+    assert load_study(write_study(tmp_path / "t.yaml", "base: b.yaml\ngrid: {a: [1], b: [2]}\nfigure: heatmap\n"))
+
+
 def test_results_rows_are_appended_and_read_back(tmp_path: Path) -> None:
     path = tmp_path / "r.csv"
     append_rows(path, ["cell", "seed"], [{"cell": "a,b", "seed": 0}])
@@ -236,16 +263,21 @@ def test_jobs_run_the_same_runs_in_worker_processes(
     assert (par_logs / "tiny" / "dropouts=0,0" / "seed1" / "run.log").exists()
 
 
-def test_a_study_in_use_by_another_process_is_refused(tmp_path: Path, tv_data_dir: Path, capsys) -> None:
+@pytest.mark.parametrize("held", ["out", "logdir"])
+def test_a_study_in_use_by_another_process_is_refused(tmp_path: Path, tv_data_dir: Path, capsys, held: str) -> None:
+    """Its results folder, and also its TensorBoard folder (a study with another --out would delete its runs)."""
     import fcntl
 
     argv, out, logs = tiny_study(tmp_path, tv_data_dir)
-    out.mkdir()
-    with (out / ".study.lock").open("w") as held:  # what a running study holds
-        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    folder = out if held == "out" else logs / "tiny"
+    folder.mkdir(parents=True)
+    (folder / "marker").write_text("a run of the study holding the lock")
+    with (folder / ".study.lock").open("w") as lock:  # what a running study holds
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         with pytest.raises(SystemExit) as exit_info:
             cli_main(argv)
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    assert "in use by another running study" in err and "Traceback" not in err
-    assert not (out / "results.csv").exists() and not logs.exists()
+    assert "in use by another running study" in err and f"another --{held}" in err and "Traceback" not in err
+    assert not (out / "results.csv").exists() and (folder / "marker").exists()
+    assert not list(logs.glob("tiny/*/seed*"))  # no run was started (and none deleted)
