@@ -61,8 +61,9 @@ class PopulationMLP(MemberGradients, ClassifierModule):
         test_weights: ``best``: each member is tested with its own weights of its best ``val/acc/<member>``
             epoch (kept in the module's state, so also in every checkpoint), as a separate run would test its
             best checkpoint; ``current``: the weights as they are.
-        optimizer: optimizer factory over the stacked parameters (weight decay belongs in ``weight_decays``);
-            null = SGD with lr 0.1.
+        optimizer: optimizer factory over the stacked parameters; null = SGD with lr 0.1. SGD's weight decay
+            belongs in ``weight_decays``; another optimizer's own ``weight_decay`` (Adam's, AdamW's) acts on
+            every element alike, so each member decays as a separate run with it would.
         micro_batch_size: split each training batch into micro-batches of this many images, one optimizer step
             each, in one Lightning step; with data.batch_size = K × micro_batch_size the updates equal those of
             batch micro_batch_size at 1/K of Lightning's per-step cost (speed option; null = off).

@@ -82,8 +82,9 @@ def population_config(study: Study, cells: list[Cell]) -> dict[str, Any]:
     """The ``fit`` config of one population of ``cells`` × the study's seeds, built from the study's base config.
 
     Raises:
-        StudyError: the base is not a ``DropoutMLP`` config with SGD, or a cell varies something other than
-            ``model.init_args.dropouts`` and ``model.init_args.optimizer.init_args.weight_decay``.
+        StudyError: the base is not a ``DropoutMLP`` config, a cell varies something other than
+            ``model.init_args.dropouts`` and ``model.init_args.optimizer.init_args.weight_decay``, or it varies the
+            weight decay of an optimizer other than SGD.
     """
     config = _base_config(study)
     model = config["model"]
@@ -97,7 +98,10 @@ def population_config(study: Study, cells: list[Cell]) -> dict[str, Any]:
                              f"supports only {allowed!r}")  # fmt: skip
     optimizer = dict(init.get("optimizer") or {"class_path": "torch.optim.SGD", "init_args": {"lr": 0.1}})
     opt_args = dict(optimizer.get("init_args") or {})
-    base_wd = float(opt_args.pop("weight_decay", 0.0))
+    sgd = optimizer.get("class_path") in ("torch.optim.SGD", "SGD")
+    # SGD's decay becomes the members' own (weight_decays); another optimizer keeps its weight_decay as given
+    # (Adam's L2 term, AdamW's decoupled decay: elementwise, so the same for every member as in a separate run)
+    base_wd = float(opt_args.pop("weight_decay", 0.0)) if sgd else 0.0
     optimizer["init_args"] = opt_args
     dropouts, wds = [], []
     for cell in cells:
@@ -108,9 +112,9 @@ def population_config(study: Study, cells: list[Cell]) -> dict[str, Any]:
                              f"only {DROPOUTS} and {WEIGHT_DECAY}")  # fmt: skip
         dropouts.append([float(p) for p in cell.overrides.get(DROPOUTS, init.get("dropouts", [0.5, 0.5]))])
         wds.append(float(cell.overrides.get(WEIGHT_DECAY, base_wd)))
-    if any(wds) and optimizer.get("class_path") not in ("torch.optim.SGD", "SGD"):
-        raise StudyError(f"--population: weight decay is added to the gradients as SGD does; the base optimizer is "
-                         f"{optimizer.get('class_path')}")  # fmt: skip
+    if not sgd and any(WEIGHT_DECAY in cell.overrides for cell in cells):
+        raise StudyError(f"--population: the members' own weight decay is added to the gradients as SGD does; the "
+                         f"base optimizer is {optimizer.get('class_path')}, so {WEIGHT_DECAY} cannot vary")  # fmt: skip
     pop_args: dict[str, Any] = {
         "hidden_sizes": list(init.get("hidden_sizes", [256, 256])), "dropouts": dropouts, "weight_decays": wds,
         "members_per_cell": len(study.seeds), "init_seeds": list(study.seeds), "test_weights": "best",

@@ -135,7 +135,7 @@ def test_a_crashed_population_resumes_from_its_last_checkpoint(tmp_path: Path, t
         ("hidden", (), "a population varies only model.init_args.dropouts"),
         ("grid", ("--jobs", "2"), "--jobs: a --population study is one run"),
         ("variance", (), "the variance figure need separate runs"),
-        ("adam", (), "weight decay is added to the gradients as SGD does"),
+        ("adam", (), "base optimizer is torch.optim.Adam, so model.init_args.optimizer.init_args.weight_decay cannot"),
     ],
 )
 def test_what_a_population_cannot_express_is_a_one_line_error(
@@ -162,6 +162,24 @@ def test_what_a_population_cannot_express_is_a_one_line_error(
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and message in err and "Traceback" not in err, err
     assert not (out / "results.csv").exists()
+
+
+@pytest.mark.parametrize("optimizer", ["torch.optim.SGD", "torch.optim.AdamW"])
+def test_the_base_optimizers_weight_decay_is_kept(tmp_path: Path, optimizer: str) -> None:
+    """SGD's becomes every member's own decay; AdamW's (an explicit 0, not its default 0.01) stays with AdamW."""
+    from dropout_lab.studies import load_study
+    from dropout_lab.study_population import population_config
+
+    base = yaml.safe_load((ROOT / "configs/mlp.yaml").read_text())
+    base["model"]["init_args"]["optimizer"] = {"class_path": optimizer, "init_args": {"lr": 0.01, "weight_decay": 0.0}}
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    (tmp_path / "s.yaml").write_text(GRID.replace(str(ROOT / "configs/mlp.yaml"), str(tmp_path / "base.yaml")))
+    study = load_study(tmp_path / "s.yaml")
+    pop = population_config(study, study.cells)["model"]["init_args"]
+    if optimizer.endswith("SGD"):
+        assert pop["optimizer"]["init_args"] == {"lr": 0.01} and pop["weight_decays"] == [0.0, 0.0]
+    else:
+        assert pop["optimizer"]["init_args"] == {"lr": 0.01, "weight_decay": 0.0} and pop["weight_decays"] == [0.0, 0.0]
 
 
 def test_a_partly_finished_cell_is_refused_and_dry_run_writes_nothing(
