@@ -46,6 +46,10 @@ class ClassifierModule(L.LightningModule):
     logits_batch_dim: int = 0
     """The batch dimension of the net's logits (``PopulationMLP``'s (K, B, 10): 1), where the micro-batches' logits
     are joined to count ``train/acc`` once per Lightning step."""
+    test_in_memory_after_fit: bool = False
+    """``fit``'s test after training uses the weights in memory instead of the best checkpoint (True where the
+    module keeps its own best weights: ``PopulationMLP`` with ``test_weights: best``, whose members' best epochs
+    a single best-by-the-mean checkpoint would undo)."""
     direct_steps: bool = True
     """With ``micro_batch_size``: take each optimizer step through :class:`~dropout_lab.steps.DirectSteps` where
     the Trainer allows it (the same hooks, ops and updates without Lightning's per-step dispatch); False: always

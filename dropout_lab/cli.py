@@ -165,12 +165,15 @@ class DropoutLabCLI(LightningCLI):
         return self._instantiate_trainer(config, extra)
 
     def after_fit(self) -> None:
-        """Test the best checkpoint (or the last weights) when ``--test_after_fit`` is true."""
+        """Test the best checkpoint (or the last weights) when ``--test_after_fit`` is true.
+
+        A model with ``test_in_memory_after_fit`` (``PopulationMLP``: each member its own best) is tested as it is.
+        """
         if not self.config.fit.test_after_fit or self.trainer.interrupted:
             return
         callback = self.trainer.checkpoint_callback
         ckpt = None
-        if isinstance(callback, ModelCheckpoint):
+        if isinstance(callback, ModelCheckpoint) and not getattr(self.model, "test_in_memory_after_fit", False):
             ckpt = callback.best_model_path or callback.last_model_path or None
         self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt)
 

@@ -227,6 +227,15 @@ class PopulationMLP(MemberGradients, ClassifierModule):
             best = self.get_buffer(_best(name))
             best.copy_(torch.where(improved.view(-1, *[1] * (param.dim() - 1)), param, best))
 
+    @property
+    def test_in_memory_after_fit(self) -> bool:  # type: ignore[override]
+        """With ``test_weights: best``, ``fit``'s test uses this module (its members' best weights are in it).
+
+        Not the best checkpoint of a ``checkpoint.monitor`` such as the CLI's default ``val/acc`` (the members'
+        mean): its copies of the members' best weights stop at that epoch.
+        """
+        return self.test_weights == "best"
+
     def on_test_epoch_start(self) -> None:
         """With ``test_weights: best``, swap in each member's best-validation weights (restored after the test)."""
         if self.test_weights != "best" or not bool((self.best_val_acc >= 0).all()):

@@ -202,3 +202,23 @@ def test_loss_sums_accumulate_in_float64() -> None:
     for _ in range(235):  # one epoch of 60k images in batches of 256
         pop._count("val", logits, y, losses)
     assert pop._sums["val/loss"].tolist() == [235 * 256 * 2.015625, 235 * 256 * 0.30078125]
+
+
+def test_fit_tests_the_members_best_weights_also_with_a_mean_val_acc_monitor(
+    gz_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The CLI's default ``checkpoint.monitor: val/acc`` (the members' mean) picks one epoch for all members;
+    testing that checkpoint would undo ``test_weights: best``, so ``fit`` tests the module as it is."""
+    monkeypatch.setenv("FASHION_MNIST_DIR", str(gz_dir))
+    monkeypatch.chdir(tmp_path)
+    args = synthetic_cli_args(ROOT / "configs" / "population_swap.yaml", tmp_path)
+    options = ["--trainer.max_epochs=3", "--model.members_per_cell=1", "--checkpoint.monitor=val/acc"]
+    cli = DropoutLabCLI(args=["fit", *args, *options, "--checkpoint.filename=best{epoch}"])
+    assert cli.model.test_in_memory_after_fit and cli.trainer.checkpoint_callback.best_model_path
+    assert cli.trainer.ckpt_path is None  # the test ran on the weights in memory, not on best*.ckpt
+    tested = {k: float(v) for k, v in cli.trainer.callback_metrics.items() if k.startswith("test/acc/")}
+    assert len(tested) == 8
+    last = cli.trainer.checkpoint_callback.last_model_path  # = the weights in memory, best_* buffers included
+    again = cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path=last, verbose=False)[0]
+    assert {k: again[k] for k in tested} == pytest.approx(tested, abs=1e-6)
+    assert not PopulationMLP((8,), [(0.0,)], test_weights="current").test_in_memory_after_fit
