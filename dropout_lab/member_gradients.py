@@ -1,4 +1,4 @@
-"""Per-member gradient handling of :class:`dropout_lab.population.PopulationMLP`: weight decay and clipping."""
+"""Per-member numerics of :class:`dropout_lab.population.PopulationMLP`: weight decay, clipping, divergence."""
 
 from __future__ import annotations
 
@@ -10,8 +10,19 @@ __all__ = ["MemberGradients"]
 class MemberGradients:
     """Each member's weight decay, and gradient clipping by each member's own norm.
 
-    For a LightningModule whose parameters stack K members along dim 0, with ``wd`` (K,) and ``_decays``.
+    For a LightningModule whose parameters stack K members along dim 0, with ``wd`` (K,), ``_decays`` and
+    ``hparams.members_per_cell`` (member ``m`` is ``c<m // members_per_cell>s<m % members_per_cell>``).
     """
+
+    @torch.no_grad()
+    def divergence_detail(self) -> str:
+        """The members whose weights are not finite, for :class:`~dropout_lab.reliability.DivergenceGuard`."""
+        rows = [~torch.isfinite(p).flatten(1).all(1) for p in self.parameters()]
+        bad = torch.stack(rows).any(0).nonzero().flatten().tolist() if rows else []
+        if not bad:
+            return "every member's weights are still finite"
+        per_cell = self.hparams.members_per_cell
+        return "members with non-finite weights: " + ", ".join(f"c{m // per_cell}s{m % per_cell}" for m in bad)
 
     def _clipping(self) -> bool:
         """Whether Lightning clips gradients in this fit (``trainer.gradient_clip_val`` > 0, automatic steps)."""

@@ -126,6 +126,8 @@ class DivergenceGuard(Callback):
             module = pl_module if pl_module is not None else getattr(trainer, "lightning_module", None)
             if module is not None and not module.automatic_optimization:
                 clip = ""
+            detail = getattr(module, "divergence_detail", None)  # e.g. PopulationMLP: which members diverged
+            what += f"; {detail()}" if callable(detail) else ""
             raise DivergenceError(
                 f"training diverged: {what} (epoch {trainer.current_epoch}); "
                 f"{self.hint}{clip}. "

@@ -244,7 +244,13 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of ``python -m dropout_lab study``; mistakes end with one ``error:`` line and exit code 2."""
+    """Entry point of ``python -m dropout_lab study``; mistakes end with one ``error:`` line and exit code 2.
+
+    A run that diverges ends the study with one ``error:`` line naming its cell and seed and exit code 3 (as
+    ``fit`` does); the finished runs' rows stay in ``results.csv``.
+    """
+    from dropout_lab.reliability import DivergenceError
+
     argv = list(sys.argv[1:] if argv is None else argv)
     extra = argv[argv.index("--") + 1 :] if "--" in argv else []
     opts = _parser().parse_args(argv[: argv.index("--")] if "--" in argv else argv)
@@ -265,3 +271,6 @@ def main(argv: list[str] | None = None) -> None:
     except StudyError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    except DivergenceError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(3)

@@ -19,6 +19,7 @@ A run's ``seconds`` is its share (1/K) of the population's wall time.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import time
 import warnings
@@ -199,6 +200,7 @@ def _fit(study: Study, cells: list[Cell], args: list[str], run_dir: Path) -> tup
 
     from dropout_lab.cli import ConfigError, DropoutLabCLI, condense_error
     from dropout_lab.idx import DataError
+    from dropout_lab.reliability import DivergenceError
 
     start = time.perf_counter()
     try:
@@ -207,6 +209,11 @@ def _fit(study: Study, cells: list[Cell], args: list[str], run_dir: Path) -> tup
             cli = DropoutLabCLI(args=args)
     except (DataError, ConfigError, MisconfigurationException, ArgumentError) as err:
         raise StudyError(f"--population: {condense_error(str(err))}") from None
+    except DivergenceError as err:  # name the members as the study does: cell and seed
+        named = re.sub(
+            r"\bc(\d+)s(\d+)\b", lambda m: f"{cells[int(m[1])].name} seed {study.seeds[int(m[2])]}", str(err)
+        )
+        raise DivergenceError(f"--population: {named}") from None
     if cli.trainer.interrupted:
         raise KeyboardInterrupt
     seconds = time.perf_counter() - start

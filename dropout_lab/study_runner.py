@@ -158,6 +158,7 @@ def run_one(study: Study, cell: Cell, seed: int, logdir: Path, extra: list[str],
 
     from dropout_lab.cli import ConfigError, DropoutLabCLI, condense_error
     from dropout_lab.idx import DataError
+    from dropout_lab.reliability import DivergenceError
 
     run_dir = logdir / study.name / cell.name / f"seed{seed}"
     shutil.rmtree(run_dir, ignore_errors=True)
@@ -173,6 +174,8 @@ def run_one(study: Study, cell: Cell, seed: int, logdir: Path, extra: list[str],
             epoch_tests = _epoch_tests(cli) if study.test_every_epoch else []
     except (DataError, ConfigError, MisconfigurationException, ArgumentError) as err:
         raise StudyError(f"cell {cell.name}: {condense_error(str(err))}") from None
+    except DivergenceError as err:
+        raise DivergenceError(f"cell {cell.name} seed {seed}: {err} (its log: {run_dir / 'run.log'})") from None
     seconds = time.perf_counter() - start
     scalars = report.read_scalars(run_dir)
     train, val = scalars.get("train/acc", [(0, float("nan"))]), scalars.get("val/acc", [(0, float("nan"))])

@@ -222,3 +222,12 @@ def test_fit_tests_the_members_best_weights_also_with_a_mean_val_acc_monitor(
     again = cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path=last, verbose=False)[0]
     assert {k: again[k] for k in tested} == pytest.approx(tested, abs=1e-6)
     assert not PopulationMLP((8,), [(0.0,)], test_weights="current").test_in_memory_after_fit
+
+
+def test_divergence_detail_names_the_members_with_non_finite_weights() -> None:
+    pop = PopulationMLP((8,), [(0.0,), (0.5,)], members_per_cell=2)
+    assert pop.divergence_detail() == "every member's weights are still finite"
+    with torch.no_grad():
+        pop.net[0].weight[1, 3, 2] = float("nan")  # member 1 = c0s1
+        pop.net[-1].bias[2, 0, 5] = float("inf")  # member 2 = c1s0
+    assert pop.divergence_detail() == "members with non-finite weights: c0s1, c1s0"

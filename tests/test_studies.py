@@ -281,3 +281,17 @@ def test_a_study_in_use_by_another_process_is_refused(tmp_path: Path, tv_data_di
     assert "in use by another running study" in err and f"another --{held}" in err and "Traceback" not in err
     assert not (out / "results.csv").exists() and (folder / "marker").exists()
     assert not list(logs.glob("tiny/*/seed*"))  # no run was started (and none deleted)
+
+
+def test_a_diverging_run_ends_the_study_with_its_cell_and_seed(tmp_path: Path, tv_data_dir: Path, capsys) -> None:
+    body = TINY.replace("grid:\n  model.init_args.dropouts: [[0.5, 0.5], [0.0, 0.0]]\n",
+                        "cells:\n  calm: {}\n  wild: {model.init_args.optimizer.init_args.lr: 10000.0}\n")  # fmt: skip
+    argv, out, _ = tiny_study(tmp_path, tv_data_dir)
+    write_study(Path(argv[2]), body.replace("seeds: 2", "seeds: [4]"))
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 3 and "Traceback" not in err, err
+    (line,) = err.strip().splitlines()
+    assert line.startswith("error: cell wild seed 4: training diverged") and "run.log" in line, line
+    assert [r["cell"] for r in read_rows(out / "results.csv")] == ["calm"]  # the finished run's row is kept

@@ -216,3 +216,19 @@ def test_init_seeds_start_every_cell_of_a_seed_from_the_same_weights() -> None:
             assert torch.equal(stacked.bias[member, 0], linear.bias)
     with pytest.raises(ValueError, match=r"model\.init_seeds: give one seed per member"):
         PopulationMLP((16,), [(0.5,)], members_per_cell=2, init_seeds=[1, 2, 3])
+
+
+def test_diverged_members_are_named_by_cell_and_seed(tmp_path: Path, tv_data_dir: Path, capsys) -> None:
+    """SGD with wd = 1e6 multiplies the weights by about -1e5 a step: that cell's members (and no other) blow up."""
+    body = DETERMINISTIC.replace("weight_decay: [0.0, 0.05]", "weight_decay: [0.0, 1000000.0]")
+    argv, out = study_argv(tmp_path, tv_data_dir, body)
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 3 and "Traceback" not in err, err
+    (line,) = err.strip().splitlines()
+    assert line.startswith("error: --population: training diverged: the training loss was not finite"), line
+    wild = "weight_decay=1e+06+dropouts=0,0"
+    assert f"members with non-finite weights: {wild} seed 3, {wild} seed 5 (epoch" in line, line
+    assert "weight_decay=0+" not in line
+    assert not (out / "results.csv").exists()
