@@ -166,7 +166,7 @@ def tables(study: Study, stats: dict[str, CellStats]) -> str:
         lines.append("| " + " | ".join(map(str, cols)) + " |")
     pairs = [(a, b) for a, b in study.compare if a in stats and b in stats]
     if pairs:
-        lines += ["", "| A | B | test acc % A | test acc % B | Δ A − B (points) | p (Welch) | p < 0.05 |"]
+        lines += ["", f"| A | B | test acc % A | test acc % B | Δ A − B (points) | p (Welch) | p < {ALPHA} |"]
         lines.append("|---|---|---|---|---|---|---|")
         for a, b in pairs:
             delta = 100 * (mean_std(stats[a].accs)[0] - mean_std(stats[b].accs)[0])
