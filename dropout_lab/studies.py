@@ -176,9 +176,14 @@ def _last_option(args: list[str], key: str) -> str | None:
 def expected_epochs(study: Study, cell: Cell, extra: Sequence[str] = ()) -> str | None:
     """``trainer.max_epochs`` of a run of ``cell``: from its arguments (:func:`run_args`), else its config file.
 
-    None when neither says (e.g. a config that includes another file): then the rows are not checked.
+    None when neither says, or when the arguments merge more config files (a second ``--config``, a
+    ``--trainer`` file), or the config includes one: then the rows are not checked.
     """
-    value = _last_option(run_args(study, cell, 0, Path("."), list(extra)), "trainer.max_epochs")
+    args = run_args(study, cell, 0, Path("."), list(extra))
+    value = _last_option(args, "trainer.max_epochs")
+    merged = [a for a in args if a in ("--config", "--trainer") or a.startswith(("--config=", "--trainer="))]
+    if value is None and len(merged) > 1:
+        return None
     if value is None:
         try:
             config = yaml.safe_load(Path(cell.overrides.get("config", study.base)).read_text())

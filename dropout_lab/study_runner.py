@@ -60,7 +60,9 @@ def run_study(
     study.out.mkdir(parents=True, exist_ok=True)
     _quiet_lightning()
     # its results and its TensorBoard runs (removed and rewritten by each run) are this process's alone
-    with _exclusive(study.out, "--out"), _exclusive(logdir / study.name, "--logdir"):
+    logs = logdir / study.name  # locked once where --out is that folder (two flocks of one file would clash)
+    same = logs.resolve() == study.out.resolve()
+    with _exclusive(study.out, "--out"), contextlib.nullcontext() if same else _exclusive(logs, "--logdir"):
         if population:
             run_population(study, todo, logdir, extra, keep)
         else:

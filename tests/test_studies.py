@@ -112,6 +112,9 @@ def test_pending_checks_max_epochs_from_the_config_when_the_study_sets_none(tmp_
     assert len(pending(study, [{"cell": "a", "seed": "0", "max_epochs": "5"}], ["--trainer.max_epochs", "5"])) == 3
     with pytest.raises(StudyError, match="not 4"):
         pending(study, [{"cell": "a", "seed": "0", "max_epochs": "5"}], ["--trainer.max_epochs=4"])
+    # another config file merged by the runs' options may set it: then the rows are not checked
+    for merged in (["--config", "short.yaml"], ["--trainer=tr.yaml"], ["--trainer", "tr.yaml"]):
+        assert len(pending(study, [{"cell": "a", "seed": "0", "max_epochs": "5"}], merged)) == 3
 
 
 @pytest.mark.parametrize(
@@ -261,6 +264,14 @@ def test_jobs_run_the_same_runs_in_worker_processes(
 
     assert by_pair(par_out) == by_pair(seq_out) and len(by_pair(par_out)) == 4
     assert (par_logs / "tiny" / "dropouts=0,0" / "seed1" / "run.log").exists()
+
+
+def test_a_study_whose_out_is_its_log_folder_runs(tmp_path: Path, tv_data_dir: Path, capsys) -> None:
+    """--out <logdir>/<name>: one folder, locked once (a second flock of the same file would refuse the study)."""
+    argv, _, logs = tiny_study(tmp_path, tv_data_dir)
+    argv[argv.index("--out") + 1] = str(logs / "tiny")
+    cli_main([*argv[:3], "--seeds", "0", *argv[3:]])
+    assert len(read_rows(logs / "tiny" / "results.csv")) == 2 and "[2/2]" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("held", ["out", "logdir"])
