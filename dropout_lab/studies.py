@@ -182,9 +182,9 @@ def expected_epochs(study: Study, cell: Cell, extra: Sequence[str] = ()) -> str 
     args = run_args(study, cell, 0, Path("."), list(extra))
     value = _last_option(args, "trainer.max_epochs")
     merged = [a for a in args if a in ("--config", "--trainer") or a.startswith(("--config=", "--trainer="))]
-    if value is None and len(merged) > 1:
-        return None
     if value is None:
+        if len(merged) > 1:
+            return None
         try:
             config = yaml.safe_load(Path(cell.overrides.get("config", study.base)).read_text())
             value = config["trainer"]["max_epochs"]

@@ -200,8 +200,8 @@ def _figure(study: Study, stats: dict[str, CellStats], curves: Rows, rows: Rows)
     names = list(stats)
     title = f"{study.name}: {len(study.seeds)} seeds, mean ± std"
     if study.figure == "bar":
-        base = stats[study.baseline].accs if study.baseline in stats else None
-        pvals = [welch_t(stats[n].accs, base)[2] if base and n != study.baseline else math.nan for n in names]
+        tests = _baseline_tests(study, stats)
+        pvals = [tests.get(n, math.nan) for n in names]
         return plots.plot_study_bars({n: stats[n].accs for n in names}, pvals, study.baseline, title, ALPHA)
     if study.figure == "heatmap":
         keys = list(study.cells[0].overrides)[:2]
