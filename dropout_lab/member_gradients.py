@@ -11,18 +11,27 @@ class MemberGradients:
     """Each member's weight decay, and gradient clipping by each member's own norm.
 
     For a LightningModule whose parameters stack K members along dim 0, with ``wd`` (K,), ``_decays`` and
-    ``hparams.members_per_cell`` (member ``m`` is ``c<m // members_per_cell>s<m % members_per_cell>``).
+    ``hparams.members_per_cell`` (member ``m`` is ``c<m // members_per_cell>s<m % members_per_cell>``), and
+    optionally ``_member_losses`` (K,), the last training step's loss per member.
     """
 
     @torch.no_grad()
     def divergence_detail(self) -> str:
-        """The members whose weights are not finite, for :class:`~dropout_lab.reliability.DivergenceGuard`."""
+        """The members whose weights, or whose last training loss, are not finite (for the divergence error).
+
+        Read by :class:`~dropout_lab.reliability.DivergenceGuard` when it stops a fit. The loss is the last
+        step's per-member losses the module kept in ``_member_losses`` (a reference, no copy and no sync per step).
+        """
         rows = [~torch.isfinite(p).flatten(1).all(1) for p in self.parameters()]
-        bad = torch.stack(rows).any(0).nonzero().flatten().tolist() if rows else []
-        if not bad:
-            return "every member's weights are still finite"
-        per_cell = self.hparams.members_per_cell
-        return "members with non-finite weights: " + ", ".join(f"c{m // per_cell}s{m % per_cell}" for m in bad)
+        weights = torch.stack(rows).any(0).nonzero().flatten().tolist() if rows else []
+        losses = getattr(self, "_member_losses", None)
+        loss = (~torch.isfinite(losses)).nonzero().flatten().tolist() if losses is not None else []
+        loss = [m for m in loss if m not in weights]  # a member already named for its weights is named once
+        per_cell = int(self.hparams.get("members_per_cell", 1))  # without it: one member per cell
+        named = [(weights, "members with non-finite weights"), (loss, "members whose last training loss is not "
+                 "finite (weights still finite)")]  # fmt: skip
+        parts = [f"{what}: " + ", ".join(f"c{m // per_cell}s{m % per_cell}" for m in bad) for bad, what in named if bad]
+        return "; ".join(parts) or "every member's weights and last training loss are still finite"
 
     def _clipping(self) -> bool:
         """Whether Lightning clips gradients in this fit (``trainer.gradient_clip_val`` > 0, automatic steps)."""

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from jsonargparse.typing import NonNegativeFloat, PositiveInt
@@ -30,6 +30,9 @@ from dropout_lab.stacked import MemberDropout, StackedLinear, member_generators
 from dropout_lab.types import Probability
 
 __all__ = ["MemberDropout", "PopulationMLP", "StackedLinear"]
+
+
+_OPTIMIZER_DECAY = "population_optimizer_decay"  # checkpoint key: the optimizer's class and own weight_decay
 
 
 def _best(name: str) -> str:
@@ -127,6 +130,8 @@ class PopulationMLP(MemberGradients, ClassifierModule):
         for name, param in self.named_parameters():
             self.register_buffer(_best(name), param.detach().clone())
         self._backup: list[Tensor] = []
+        self._member_losses: Tensor | None = None  # the last training step's (K,) losses, set by train_loss
+        self._optimizer_decay: tuple[str, float] | None = None  # (class, weight_decay), set by configure_optimizers
 
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> PopulationMLP:
         """``.to()``, ``.half()``, ``.cuda()``…: ``wd`` and ``best_val_acc`` follow the device, never a dtype cast.
@@ -205,7 +210,24 @@ class PopulationMLP(MemberGradients, ClassifierModule):
 
     def cell_table(self, acc: Tensor) -> str:
         """A Markdown table of each cell's accuracy ``acc`` (K,): mean ± sample std over its members, in %."""
-        return cell_table(acc, self.hparams.dropouts, self.cell_wds)
+        return cell_table(acc, self.hparams.dropouts, self.cell_wds, self._optimizer_decay)
+
+    def configure_optimizers(self) -> Any:
+        """The base class's optimizer; its own ``weight_decay`` (Adam's, AdamW's) is noted for :meth:`cell_table`."""
+        configured = super().configure_optimizers()
+        optimizer = configured["optimizer"] if isinstance(configured, dict) else configured
+        self._optimizer_decay = (type(optimizer).__name__, float(optimizer.defaults.get("weight_decay", 0.0)))
+        return configured
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep the optimizer's own weight decay with the weights, for the table of a later ``test``."""
+        checkpoint[_OPTIMIZER_DECAY] = self._optimizer_decay
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Restore the optimizer's weight decay noted by :meth:`on_save_checkpoint` (absent in older files)."""
+        super().on_load_checkpoint(checkpoint)
+        saved = checkpoint.get(_OPTIMIZER_DECAY)
+        self._optimizer_decay = None if saved is None else (str(saved[0]), float(saved[1]))
 
     def _report_cells(self, acc: Tensor) -> None:
         """Print the test's :meth:`cell_table` and write it to ``<log_dir>/test_cells.md`` (rank zero)."""
@@ -261,6 +283,7 @@ class PopulationMLP(MemberGradients, ClassifierModule):
         logits = self(x)
         losses = self.member_losses(logits, y)
         self._count_train(logits.detach(), y)
+        self._member_losses = losses.detach()  # kept for divergence_detail: which member's loss broke
         return losses.sum(), losses.detach().mean()
 
     def count_train(self, logits: Tensor, y: Tensor) -> None:

@@ -18,6 +18,7 @@ A run's ``seconds`` is its share (1/K) of the population's wall time.
 
 from __future__ import annotations
 
+import importlib
 import json
 import re
 import shutil
@@ -26,6 +27,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from dropout_lab import study_report as report
@@ -79,6 +81,21 @@ def _data_orders(config: dict[str, Any], extra: list[str]) -> str:
     return "per seed" if _data_args(config).get("shuffle_seeds") else "shared"
 
 
+def _is_sgd(class_path: object) -> bool:
+    """Whether an optimizer ``class_path`` (``torch.optim.SGD``, ``SGD``, ``torch.optim.sgd.SGD``, a subclass) is SGD.
+
+    Raises:
+        StudyError: the class cannot be imported.
+    """
+    name = str(class_path)
+    module, _, attr = name.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module or "torch.optim"), attr)
+    except (ImportError, AttributeError, ValueError):
+        raise StudyError(f"--population: the base config's optimizer {name} cannot be imported") from None
+    return isinstance(cls, type) and issubclass(cls, torch.optim.SGD)
+
+
 def population_config(study: Study, cells: list[Cell]) -> dict[str, Any]:
     """The ``fit`` config of one population of ``cells`` × the study's seeds, built from the study's base config.
 
@@ -99,7 +116,7 @@ def population_config(study: Study, cells: list[Cell]) -> dict[str, Any]:
                              f"supports only {allowed!r}")  # fmt: skip
     optimizer = dict(init.get("optimizer") or {"class_path": "torch.optim.SGD", "init_args": {"lr": 0.1}})
     opt_args = dict(optimizer.get("init_args") or {})
-    sgd = optimizer.get("class_path") in ("torch.optim.SGD", "SGD")
+    sgd = _is_sgd(optimizer.get("class_path"))
     # SGD's decay becomes the members' own (weight_decays); another optimizer keeps its weight_decay as given
     # (Adam's L2 term, AdamW's decoupled decay: elementwise, so the same for every member as in a separate run)
     base_wd = float(opt_args.pop("weight_decay", 0.0)) if sgd else 0.0

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import itertools
 import json
 import logging
 import multiprocessing
 import re
 import shutil
+import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -112,20 +114,44 @@ def _runs(study: Study, todo: list[tuple[Cell, int]], logdir: Path, extra: list[
 
     threads = max(1, torch.get_num_threads() // jobs)
     context = multiprocessing.get_context("spawn")  # no forked copy of this process's torch/CUDA state
-    with ProcessPoolExecutor(max_workers=min(jobs, len(todo)), mp_context=context) as pool:
-        running: dict[Future, tuple[Cell, int]] = {
-            pool.submit(_run_in_worker, threads, study, cell, seed, logdir, extra, keep): (cell, seed)
-            for cell, seed in todo
-        }
+    workers = min(jobs, len(todo))
+    queue = iter(todo)  # submitted one per free worker: nothing waits in the pool's queue when a run fails
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        running: dict[Future, tuple[Cell, int]] = {}
+
+        def submit() -> None:
+            for cell, seed in itertools.islice(queue, workers - len(running)):
+                running[pool.submit(_run_in_worker, threads, study, cell, seed, logdir, extra, keep)] = (cell, seed)
+
         try:
+            submit()
             while running:
                 done, _ = wait(running, return_when=FIRST_COMPLETED)
-                for future in done:
+                for future in sorted(done, key=lambda f: f.exception() is not None):  # results before errors
                     cell, seed = running.pop(future)
                     yield (cell, seed, *future.result())
-        except BaseException:
-            pool.shutdown(wait=True, cancel_futures=True)  # the finished rows are on disk; the rest rerun
+                submit()
+        except Exception:  # a run failed (e.g. diverged): start no other, but keep the runs in flight
+            yield from _in_flight(running)
             raise
+        except BaseException:  # Ctrl-C, or the caller stopped: the finished rows are on disk; the rest rerun
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+
+
+def _in_flight(running: dict[Future, tuple[Cell, int]]) -> Iterator[tuple[Any, ...]]:
+    """Yield the results of the runs that were already running when another failed, as they finish.
+
+    A second failure among them is printed (the first one ends the study).
+    """
+    for future in running:
+        cell, seed = running[future]
+        try:
+            result = future.result()
+        except Exception as err:  # reported; the first failure is the one raised
+            print(f"error: cell {cell.name} seed {seed} also failed: {str(err).splitlines()[0]}", file=sys.stderr)
+            continue
+        yield (cell, seed, *result)
 
 
 def _run_in_worker(

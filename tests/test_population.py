@@ -181,6 +181,23 @@ def test_cell_table_reports_no_spread_for_a_single_member() -> None:
     assert two.splitlines()[2].split("|")[5].strip() == f"75.00 ± {math.sqrt(50):.2f}"
 
 
+def test_cell_table_shows_the_optimizers_own_weight_decay_also_after_a_checkpoint() -> None:
+    acc = torch.tensor([0.5, 0.7])
+    adamw = PopulationMLP((8,), [(0.5,)], [0.0], members_per_cell=2,
+                          optimizer=partial(torch.optim.AdamW, lr=1e-3, weight_decay=0.05))  # fmt: skip
+    assert adamw.cell_table(acc).splitlines()[2].split("|")[3].strip() == "0"  # no optimizer built yet: not known
+    adamw.configure_optimizers()
+    assert adamw.cell_table(acc).splitlines()[2].split("|")[3].strip() == "0 + AdamW 0.05"
+    checkpoint: dict = {}
+    adamw.on_save_checkpoint(checkpoint)
+    loaded = PopulationMLP((8,), [(0.5,)], [0.0], members_per_cell=2)  # a later `test`: no optimizer of its own
+    loaded.on_load_checkpoint(checkpoint)
+    assert loaded.cell_table(acc).splitlines()[2].split("|")[3].strip() == "0 + AdamW 0.05"
+    sgd = PopulationMLP((8,), [(0.5,)], [0.001], members_per_cell=2)
+    sgd.configure_optimizers()  # the default SGD has no weight decay of its own: only the members' column value
+    assert sgd.cell_table(acc).splitlines()[2].split("|")[3].strip() == "0.001"
+
+
 def test_a_half_precision_cast_keeps_weight_decay_and_best_accuracy_exact() -> None:
     """``Trainer(precision="bf16-true")`` casts the module: weights go bf16, the bookkeeping stays float32."""
     pop = PopulationMLP((8,), [(0.1,), (0.5,)], weight_decays=[1e-3], members_per_cell=1).to(torch.bfloat16)
@@ -224,10 +241,17 @@ def test_fit_tests_the_members_best_weights_also_with_a_mean_val_acc_monitor(
     assert not PopulationMLP((8,), [(0.0,)], test_weights="current").test_in_memory_after_fit
 
 
-def test_divergence_detail_names_the_members_with_non_finite_weights() -> None:
+def test_divergence_detail_names_the_members_with_non_finite_weights_or_loss() -> None:
     pop = PopulationMLP((8,), [(0.0,), (0.5,)], members_per_cell=2)
-    assert pop.divergence_detail() == "every member's weights are still finite"
+    assert pop.divergence_detail() == "every member's weights and last training loss are still finite"
+    pop._member_losses = torch.tensor([0.1, 0.2, float("nan"), 0.3])  # member 2 = c1s0: its loss broke first
+    assert pop.divergence_detail() == "members whose last training loss is not finite (weights still finite): c1s0"
     with torch.no_grad():
         pop.net[0].weight[1, 3, 2] = float("nan")  # member 1 = c0s1
         pop.net[-1].bias[2, 0, 5] = float("inf")  # member 2 = c1s0
-    assert pop.divergence_detail() == "members with non-finite weights: c0s1, c1s0"
+    assert pop.divergence_detail() == "members with non-finite weights: c0s1, c1s0"  # c1s0 named once
+    pop._member_losses = torch.tensor([0.1, 0.2, float("nan"), float("inf")])
+    assert pop.divergence_detail() == (
+        "members with non-finite weights: c0s1, c1s0; "
+        "members whose last training loss is not finite (weights still finite): c1s1"
+    )

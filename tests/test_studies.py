@@ -306,3 +306,39 @@ def test_a_diverging_run_ends_the_study_with_its_cell_and_seed(tmp_path: Path, t
     (line,) = err.strip().splitlines()
     assert line.startswith("error: cell wild seed 4: training diverged") and "run.log" in line, line
     assert [r["cell"] for r in read_rows(out / "results.csv")] == ["calm"]  # the finished run's row is kept
+
+
+def _worker_wild_fails_while_calm_runs(threads: int, study, cell: Cell, seed: int, logdir: Path, extra, keep):
+    """A stand-in for a study's worker: ``wild`` fails at once; ``calm`` is still running then and finishes after."""
+    import time
+
+    from dropout_lab.reliability import DivergenceError
+
+    marker = logdir / "wild_failed"
+    if cell.name == "wild":
+        marker.write_text("")
+        raise DivergenceError("training diverged: the training loss was not finite at step 0")
+    deadline = time.monotonic() + 120
+    while not marker.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(2.0)  # well after the main process has seen wild's error
+    return {"cell": cell.name, "seed": seed, "after_the_failure": marker.exists()}, []
+
+
+def test_with_jobs_a_failure_keeps_the_runs_in_flight_and_starts_no_other(tmp_path: Path, monkeypatch, capsys) -> None:
+    from dropout_lab import study_runner
+    from dropout_lab.reliability import DivergenceError
+
+    body = TINY.replace("grid:\n  model.init_args.dropouts: [[0.5, 0.5], [0.0, 0.0]]\n",
+                        "cells:\n  wild: {}\n  calm: {}\n  later: {}\n")  # fmt: skip
+    study = load_study(write_study(tmp_path / "s.yaml", body.replace("seeds: 2", "seeds: [4]")))
+    monkeypatch.setattr(study_runner, "_run_in_worker", _worker_wild_fails_while_calm_runs)
+    todo = [(cell, 4) for cell in study.cells]
+    got = []
+    with pytest.raises(DivergenceError, match="not finite at step 0"):
+        for item in study_runner._runs(study, todo, tmp_path, [], False, jobs=2):
+            got.append(item)
+    # calm was in flight when wild failed: its result still comes back; `later` (queued) never started
+    assert [(cell.name, row) for cell, _, row, _ in got] == [
+        ("calm", {"cell": "calm", "seed": 4, "after_the_failure": True})
+    ]

@@ -164,7 +164,7 @@ def test_what_a_population_cannot_express_is_a_one_line_error(
     assert not (out / "results.csv").exists()
 
 
-@pytest.mark.parametrize("optimizer", ["torch.optim.SGD", "torch.optim.AdamW"])
+@pytest.mark.parametrize("optimizer", ["torch.optim.SGD", "SGD", "torch.optim.sgd.SGD", "torch.optim.AdamW", "AdamW"])
 def test_the_base_optimizers_weight_decay_is_kept(tmp_path: Path, optimizer: str) -> None:
     """SGD's becomes every member's own decay; AdamW's (an explicit 0, not its default 0.01) stays with AdamW."""
     from dropout_lab.studies import load_study
@@ -180,6 +180,19 @@ def test_the_base_optimizers_weight_decay_is_kept(tmp_path: Path, optimizer: str
         assert pop["optimizer"]["init_args"] == {"lr": 0.01} and pop["weight_decays"] == [0.0, 0.0]
     else:
         assert pop["optimizer"]["init_args"] == {"lr": 0.01, "weight_decay": 0.0} and pop["weight_decays"] == [0.0, 0.0]
+
+
+def test_an_optimizer_that_cannot_be_imported_is_a_study_error(tmp_path: Path) -> None:
+    from dropout_lab.studies import StudyError, load_study
+    from dropout_lab.study_population import population_config
+
+    base = yaml.safe_load((ROOT / "configs/mlp.yaml").read_text())
+    base["model"]["init_args"]["optimizer"] = {"class_path": "torch.optim.NoSuchSGD", "init_args": {"lr": 0.01}}
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    (tmp_path / "s.yaml").write_text(GRID.replace(str(ROOT / "configs/mlp.yaml"), str(tmp_path / "base.yaml")))
+    study = load_study(tmp_path / "s.yaml")
+    with pytest.raises(StudyError, match=r"optimizer torch\.optim\.NoSuchSGD cannot be imported"):
+        population_config(study, study.cells)
 
 
 def test_a_partly_finished_cell_is_refused_and_dry_run_writes_nothing(
