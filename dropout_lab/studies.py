@@ -162,29 +162,31 @@ def run_args(study: Study, cell: Cell, seed: int, logdir: Path, extra: list[str]
     ]
 
 
-def _last_option(args: list[str], key: str) -> str | None:
-    """The value the last ``--key=value`` or ``--key value`` in ``args`` gives (None if none does)."""
-    value = None
+def _last_option(args: list[str], key: str) -> tuple[int, str | None]:
+    """Where the last ``--key=value`` or ``--key value`` in ``args`` is and the value it gives ((-1, None) if none)."""
+    at, value = -1, None
     for i, arg in enumerate(args):
         if arg.startswith(f"--{key}="):
-            value = arg.split("=", 1)[1]
+            at, value = i, arg.split("=", 1)[1]
         elif arg == f"--{key}" and i + 1 < len(args):
-            value = args[i + 1]
-    return value
+            at, value = i, args[i + 1]
+    return at, value
 
 
 def expected_epochs(study: Study, cell: Cell, extra: Sequence[str] = ()) -> str | None:
     """``trainer.max_epochs`` of a run of ``cell``: from its arguments (:func:`run_args`), else its config file.
 
-    None when neither says, or when the arguments merge more config files (a second ``--config``, a
-    ``--trainer`` file), or the config includes one: then the rows are not checked.
+    None when neither says, or when a config file merged after the base config (a second ``--config``, a
+    ``--trainer`` file) comes after the last ``--trainer.max_epochs`` (that file may set it), or the config
+    includes one: then the rows are not checked.
     """
     args = run_args(study, cell, 0, Path("."), list(extra))
-    value = _last_option(args, "trainer.max_epochs")
-    merged = [a for a in args if a in ("--config", "--trainer") or a.startswith(("--config=", "--trainer="))]
+    at, value = _last_option(args, "trainer.max_epochs")
+    files = ("--config", "--trainer")
+    merged = [i for i, a in enumerate(args) if a in files or a.startswith(tuple(f"{f}=" for f in files))]
+    if any(i > at for i in merged[1:]):  # the first is the base (or the cell's) config, read below
+        return None
     if value is None:
-        if len(merged) > 1:
-            return None
         try:
             config = yaml.safe_load(Path(cell.overrides.get("config", study.base)).read_text())
             value = config["trainer"]["max_epochs"]
@@ -248,11 +250,17 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _print_error(err: Exception) -> None:
+    """``error: <err>`` on stderr, then the notes added to it (other runs that failed meanwhile), one per line."""
+    print(f"error: {err}", *getattr(err, "__notes__", []), sep="\n", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of ``python -m dropout_lab study``; mistakes end with one ``error:`` line and exit code 2.
 
     A run that diverges ends the study with one ``error:`` line naming its cell and seed and exit code 3 (as
-    ``fit`` does); the finished runs' rows stay in ``results.csv``.
+    ``fit`` does); the finished runs' rows stay in ``results.csv``. With ``--jobs``, runs that fail while it
+    ends follow as ``also failed:`` lines.
     """
     from dropout_lab.reliability import DivergenceError
 
@@ -274,8 +282,8 @@ def main(argv: list[str] | None = None) -> None:
 
         run_study(study, Path(opts.logdir), extra, opts.dry_run, opts.keep_checkpoints, opts.jobs, opts.population)
     except StudyError as err:
-        print(f"error: {err}", file=sys.stderr)
+        _print_error(err)
         sys.exit(2)
     except DivergenceError as err:
-        print(f"error: {err}", file=sys.stderr)
+        _print_error(err)
         sys.exit(3)

@@ -114,7 +114,13 @@ def population_config(study: Study, cells: list[Cell]) -> dict[str, Any]:
         if init.get(key, allowed) != allowed:
             raise StudyError(f"--population: {study.base}: model.init_args.{key} is {init[key]!r}; a population "
                              f"supports only {allowed!r}")  # fmt: skip
-    optimizer = dict(init.get("optimizer") or {"class_path": "torch.optim.SGD", "init_args": {"lr": 0.1}})
+    optimizer = init.get("optimizer") or {"class_path": "torch.optim.SGD", "init_args": {"lr": 0.1}}
+    if isinstance(optimizer, str):  # `optimizer: torch.optim.Adam`, which fit accepts: its defaults
+        optimizer = {"class_path": optimizer}
+    if not isinstance(optimizer, dict) or "class_path" not in optimizer:
+        raise StudyError(f"--population: {study.base}: model.init_args.optimizer must be a class name or a mapping "
+                         f"with class_path, got {optimizer!r}")  # fmt: skip
+    optimizer = dict(optimizer)
     opt_args = dict(optimizer.get("init_args") or {})
     sgd = _is_sgd(optimizer.get("class_path"))
     # SGD's decay becomes the members' own (weight_decays); another optimizer keeps its weight_decay as given

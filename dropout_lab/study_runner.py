@@ -14,7 +14,6 @@ import logging
 import multiprocessing
 import re
 import shutil
-import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -47,30 +46,38 @@ def run_study(
     from dropout_lab.study_population import run_population
 
     results = study.out / "results.csv"
-    todo = pending(study, report.read_rows(results), extra)
-    total = len(study.cells) * len(study.seeds)
-    print(f"study {study.name}: {len(study.cells)} cells × {len(study.seeds)} seeds = {total} runs; "
-          f"{total - len(todo)} done, {len(todo)} to run; results in {results}", flush=True)  # fmt: skip
-    if len(study.seeds) < MIN_SEEDS:
-        print(f"warning: {len(study.seeds)} seed(s); {MIN_SEEDS} is the floor for the t-tests to mean much", flush=True)
     if dry_run:
+        todo = _todo(study, extra)
         if population:
             return run_population(study, todo, logdir, extra, keep, dry_run=True)
         for cell, seed in todo:
             print(f"{cell.name} seed {seed}: " + " ".join(run_args(study, cell, seed, logdir, extra)))
         return
     study.out.mkdir(parents=True, exist_ok=True)
-    _quiet_lightning()
     # its results and its TensorBoard runs (removed and rewritten by each run) are this process's alone
     logs = logdir / study.name  # locked once where --out is that folder (two flocks of one file would clash)
     same = logs.resolve() == study.out.resolve()
     with _exclusive(study.out, "--out"), contextlib.nullcontext() if same else _exclusive(logs, "--logdir"):
+        todo = _todo(study, extra)  # read under the lock: rows a study that held it just wrote count as done
+        _quiet_lightning()
         if population:
             run_population(study, todo, logdir, extra, keep)
         else:
             _run_todo(study, todo, logdir, extra, keep, jobs)
     for path in report.write_report(study, report.read_rows(results), report.read_rows(study.out / "curves.csv")):
         print(f"wrote {path}")
+
+
+def _todo(study: Study, extra: list[str]) -> list[tuple[Cell, int]]:
+    """The study's unfinished (cell, seed) pairs (:func:`pending`), announced with the count of finished ones."""
+    results = study.out / "results.csv"
+    todo = pending(study, report.read_rows(results), extra)
+    total = len(study.cells) * len(study.seeds)
+    print(f"study {study.name}: {len(study.cells)} cells × {len(study.seeds)} seeds = {total} runs; "
+          f"{total - len(todo)} done, {len(todo)} to run; results in {results}", flush=True)  # fmt: skip
+    if len(study.seeds) < MIN_SEEDS:
+        print(f"warning: {len(study.seeds)} seed(s); {MIN_SEEDS} is the floor for the t-tests to mean much", flush=True)
+    return todo
 
 
 @contextlib.contextmanager
@@ -131,25 +138,28 @@ def _runs(study: Study, todo: list[tuple[Cell, int]], logdir: Path, extra: list[
                     cell, seed = running.pop(future)
                     yield (cell, seed, *future.result())
                 submit()
-        except Exception:  # a run failed (e.g. diverged): start no other, but keep the runs in flight
-            yield from _in_flight(running)
+        except Exception as err:  # a run failed (e.g. diverged): start no other, but keep the runs in flight
+            yield from _in_flight(running, err)
             raise
         except BaseException:  # Ctrl-C, or the caller stopped: the finished rows are on disk; the rest rerun
             pool.shutdown(wait=True, cancel_futures=True)
             raise
 
 
-def _in_flight(running: dict[Future, tuple[Cell, int]]) -> Iterator[tuple[Any, ...]]:
-    """Yield the results of the runs that were already running when another failed, as they finish.
+def _in_flight(running: dict[Future, tuple[Cell, int]], first: BaseException) -> Iterator[tuple[Any, ...]]:
+    """Yield the results of the runs that were already running when another failed (``first``), as they finish.
 
-    A second failure among them is printed (the first one ends the study).
+    A second failure among them becomes a note on ``first`` (``also failed: cell … seed …: …``), the error that
+    ends the study.
     """
     for future in running:
         cell, seed = running[future]
         try:
             result = future.result()
-        except Exception as err:  # reported; the first failure is the one raised
-            print(f"error: cell {cell.name} seed {seed} also failed: {str(err).splitlines()[0]}", file=sys.stderr)
+        except Exception as err:  # noted on the first failure, which is the one raised
+            where = f"cell {cell.name} seed {seed}"
+            message = (str(err).splitlines() or [type(err).__name__])[0]
+            first.add_note(f"also failed: {message if message.startswith(where) else f'{where}: {message}'}")
             continue
         yield (cell, seed, *result)
 

@@ -115,6 +115,13 @@ def test_pending_checks_max_epochs_from_the_config_when_the_study_sets_none(tmp_
     # another config file merged by the runs' options may set it: then the rows are not checked
     for merged in (["--config", "short.yaml"], ["--trainer=tr.yaml"], ["--trainer", "tr.yaml"]):
         assert len(pending(study, [{"cell": "a", "seed": "0", "max_epochs": "5"}], merged)) == 3
+    # ... also after a --trainer.max_epochs option (the file's value wins); an option after the file is checked
+    eight = [{"cell": "a", "seed": "0", "max_epochs": "8"}]
+    assert len(pending(study, eight, ["--trainer.max_epochs=5", "--config", "long.yaml"])) == 3
+    with pytest.raises(StudyError, match=r"max_epochs 8, not 4 \(cell a\)"):
+        pending(study, eight, ["--config=x.yaml", "--trainer.max_epochs", "4"])
+    with pytest.raises(StudyError, match=r"max_epochs 8, not 7 \(cell long\)"):  # its override comes after the file
+        pending(study, [{"cell": "long", "seed": "0", "max_epochs": "8"}], ["--config", "short.yaml"])
 
 
 @pytest.mark.parametrize(
@@ -274,6 +281,33 @@ def test_a_study_whose_out_is_its_log_folder_runs(tmp_path: Path, tv_data_dir: P
     assert len(read_rows(logs / "tiny" / "results.csv")) == 2 and "[2/2]" in capsys.readouterr().out
 
 
+def test_the_finished_runs_are_read_after_the_lock_is_taken(tmp_path: Path, tv_data_dir: Path, capsys, monkeypatch):
+    """A study that finishes just before this one takes the lock: its rows count as done, nothing runs twice."""
+    import contextlib
+
+    from dropout_lab import study_runner
+
+    argv, out, _ = tiny_study(tmp_path, tv_data_dir)
+    argv = [*argv[:3], "--seeds", "0", *argv[3:]]
+    cli_main(argv)
+    finished = (out / "results.csv").read_text()
+    (out / "results.csv").unlink()  # as if the other study were still running its last runs
+    real = study_runner._exclusive
+
+    @contextlib.contextmanager
+    def other_study_finishes_first(folder: Path, option: str):
+        if option == "--out":
+            (out / "results.csv").write_text(finished)  # ... and wrote them just before the lock is free
+        with real(folder, option):
+            yield
+
+    monkeypatch.setattr(study_runner, "_exclusive", other_study_finishes_first)
+    capsys.readouterr()
+    cli_main(argv)
+    assert "2 done, 0 to run" in capsys.readouterr().out
+    assert len(read_rows(out / "results.csv")) == 2
+
+
 @pytest.mark.parametrize("held", ["out", "logdir"])
 def test_a_study_in_use_by_another_process_is_refused(tmp_path: Path, tv_data_dir: Path, capsys, held: str) -> None:
     """Its results folder, and also its TensorBoard folder (a study with another --out would delete its runs)."""
@@ -308,8 +342,9 @@ def test_a_diverging_run_ends_the_study_with_its_cell_and_seed(tmp_path: Path, t
     assert [r["cell"] for r in read_rows(out / "results.csv")] == ["calm"]  # the finished run's row is kept
 
 
-def _worker_wild_fails_while_calm_runs(threads: int, study, cell: Cell, seed: int, logdir: Path, extra, keep):
-    """A stand-in for a study's worker: ``wild`` fails at once; ``calm`` is still running then and finishes after."""
+def _worker_wild_fails_while_others_run(threads: int, study, cell: Cell, seed: int, logdir: Path, extra, keep):
+    """A stand-in for a study's worker: ``wild`` fails at once; the other cell is still running then and finishes
+    after it: ``calm`` with a result, ``broken`` with an error without a message, ``wild2`` diverging too."""
     import time
 
     from dropout_lab.reliability import DivergenceError
@@ -317,28 +352,44 @@ def _worker_wild_fails_while_calm_runs(threads: int, study, cell: Cell, seed: in
     marker = logdir / "wild_failed"
     if cell.name == "wild":
         marker.write_text("")
-        raise DivergenceError("training diverged: the training loss was not finite at step 0")
+        raise DivergenceError("cell wild seed 4: training diverged: the training loss was not finite at step 0")
     deadline = time.monotonic() + 120
     while not marker.exists() and time.monotonic() < deadline:
         time.sleep(0.05)
     time.sleep(2.0)  # well after the main process has seen wild's error
+    if cell.name == "broken":
+        raise AssertionError
+    if cell.name == "wild2":
+        raise DivergenceError(f"cell wild2 seed {seed}: training diverged: the training loss was not finite at step 1")
     return {"cell": cell.name, "seed": seed, "after_the_failure": marker.exists()}, []
 
 
-def test_with_jobs_a_failure_keeps_the_runs_in_flight_and_starts_no_other(tmp_path: Path, monkeypatch, capsys) -> None:
+@pytest.mark.parametrize("other", ["calm", "broken", "wild2"])
+def test_with_jobs_a_failure_keeps_the_runs_in_flight_and_starts_no_other(
+    tmp_path: Path, monkeypatch, capsys, other: str
+) -> None:
     from dropout_lab import study_runner
     from dropout_lab.reliability import DivergenceError
+    from dropout_lab.studies import _print_error
 
     body = TINY.replace("grid:\n  model.init_args.dropouts: [[0.5, 0.5], [0.0, 0.0]]\n",
-                        "cells:\n  wild: {}\n  calm: {}\n  later: {}\n")  # fmt: skip
+                        f"cells:\n  wild: {{}}\n  {other}: {{}}\n  later: {{}}\n")  # fmt: skip
     study = load_study(write_study(tmp_path / "s.yaml", body.replace("seeds: 2", "seeds: [4]")))
-    monkeypatch.setattr(study_runner, "_run_in_worker", _worker_wild_fails_while_calm_runs)
+    monkeypatch.setattr(study_runner, "_run_in_worker", _worker_wild_fails_while_others_run)
     todo = [(cell, 4) for cell in study.cells]
     got = []
-    with pytest.raises(DivergenceError, match="not finite at step 0"):
+    with pytest.raises(DivergenceError, match="not finite at step 0") as failure:
         for item in study_runner._runs(study, todo, tmp_path, [], False, jobs=2):
             got.append(item)
-    # calm was in flight when wild failed: its result still comes back; `later` (queued) never started
-    assert [(cell.name, row) for cell, _, row, _ in got] == [
-        ("calm", {"cell": "calm", "seed": 4, "after_the_failure": True})
-    ]
+    # the other cell was in flight when wild failed: its result still comes back; `later` (queued) never started
+    rows = [(cell.name, row) for cell, _, row, _ in got]
+    assert rows == ([("calm", {"cell": "calm", "seed": 4, "after_the_failure": True})] if other == "calm" else [])
+    _print_error(failure.value)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0] == "error: cell wild seed 4: training diverged: the training loss was not finite at step 0"
+    also = {
+        "calm": [],
+        "broken": ["also failed: cell broken seed 4: AssertionError"],
+        "wild2": ["also failed: cell wild2 seed 4: training diverged: the training loss was not finite at step 1"],
+    }
+    assert lines[1:] == also[other]

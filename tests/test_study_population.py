@@ -171,15 +171,35 @@ def test_the_base_optimizers_weight_decay_is_kept(tmp_path: Path, optimizer: str
     from dropout_lab.study_population import population_config
 
     base = yaml.safe_load((ROOT / "configs/mlp.yaml").read_text())
-    base["model"]["init_args"]["optimizer"] = {"class_path": optimizer, "init_args": {"lr": 0.01, "weight_decay": 0.0}}
+    sgd = optimizer.endswith("SGD")
+    decay = 1e-3 if sgd else 0.0  # AdamW: an explicit 0, which must not become AdamW's default 0.01
+    opt_args = {"lr": 0.01, "weight_decay": decay}
+    base["model"]["init_args"]["optimizer"] = {"class_path": optimizer, "init_args": opt_args}
     (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
     (tmp_path / "s.yaml").write_text(GRID.replace(str(ROOT / "configs/mlp.yaml"), str(tmp_path / "base.yaml")))
     study = load_study(tmp_path / "s.yaml")
     pop = population_config(study, study.cells)["model"]["init_args"]
-    if optimizer.endswith("SGD"):
-        assert pop["optimizer"]["init_args"] == {"lr": 0.01} and pop["weight_decays"] == [0.0, 0.0]
+    if sgd:
+        assert pop["optimizer"]["init_args"] == {"lr": 0.01} and pop["weight_decays"] == [1e-3, 1e-3]
     else:
         assert pop["optimizer"]["init_args"] == {"lr": 0.01, "weight_decay": 0.0} and pop["weight_decays"] == [0.0, 0.0]
+
+
+def test_an_optimizer_given_by_its_class_name_alone(tmp_path: Path) -> None:
+    from dropout_lab.studies import StudyError, load_study
+    from dropout_lab.study_population import population_config
+
+    base = yaml.safe_load((ROOT / "configs/mlp.yaml").read_text())
+    base["model"]["init_args"]["optimizer"] = "torch.optim.Adam"  # as fit accepts it: Adam's defaults
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    (tmp_path / "s.yaml").write_text(GRID.replace(str(ROOT / "configs/mlp.yaml"), str(tmp_path / "base.yaml")))
+    study = load_study(tmp_path / "s.yaml")
+    pop = population_config(study, study.cells)["model"]["init_args"]
+    assert pop["optimizer"] == {"class_path": "torch.optim.Adam", "init_args": {}} and pop["weight_decays"] == [0, 0]
+    base["model"]["init_args"]["optimizer"] = ["torch.optim.Adam"]
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    with pytest.raises(StudyError, match="optimizer must be a class name or a mapping with class_path"):
+        population_config(study, study.cells)
 
 
 def test_an_optimizer_that_cannot_be_imported_is_a_study_error(tmp_path: Path) -> None:
