@@ -7,9 +7,11 @@ import os
 import re
 import secrets
 import sys
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
+import yaml
 from jsonargparse import ArgumentError
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Trainer
@@ -20,7 +22,7 @@ from dropout_lab.data import FashionMNISTDataModule
 from dropout_lab.idx import DataError
 from dropout_lab.models import ClassifierModule
 from dropout_lab.reliability import DivergenceError, DivergenceGuard, LastEveryEpochCheckpoint, RNGStateCheckpoint
-from dropout_lab.runs import ProvenanceSaveConfig, resolve_ckpt_path
+from dropout_lab.runs import BATCH_COUNTS, ProvenanceSaveConfig, resolve_ckpt_path
 from dropout_lab.trainer import LabTrainer
 
 __all__ = ["ConfigError", "DropoutLabCLI", "main"]
@@ -36,6 +38,21 @@ DESCRIPTION = (
 
 # Programs reached through this entry point besides LightningCLI's subcommands: first argument → "module:function".
 APPS = {"study": "dropout_lab.studies:main", "co2": "dropout_lab.regression_cli:main"}
+USAGE = (
+    "python -m dropout_lab [-h] [-c CONFIG] {fit,validate,test,predict,mc,rotated} ...\n"
+    "       python -m dropout_lab {study,co2} ... (see `study --help`, `co2 --help`)"
+)
+# The subcommands' one-line help in `--help` (Lightning's docstrings break off at their first line)
+SUBCOMMAND_HELP = {
+    "fit": "Train (resume with --ckpt_path), then test the best checkpoint (--test_after_fit false to skip).",
+    "validate": "One evaluation epoch over the validation split, with the weights of --ckpt_path.",
+    "test": "One evaluation epoch over the test split, with the weights of --ckpt_path.",
+    "predict": "The class probabilities of the test split, with the weights of --ckpt_path (returned to Python "
+    "callers; the command line prints nothing).",
+}
+# Subcommands that evaluate a trained net: without --ckpt_path they would use the initial weights
+NEEDS_CHECKPOINT = ("mc", "rotated")
+WARNS_WITHOUT_CHECKPOINT = ("validate", "test", "predict")
 
 
 class ConfigError(ValueError):
@@ -53,7 +70,9 @@ class DropoutLabCLI(LightningCLI):
 
     def __init__(self, args: Any = None, run: bool = True, **kwargs: Any) -> None:
         prog = "python -m dropout_lab" if sys.argv[0].endswith("__main__.py") else None
-        kwargs.setdefault("parser_kwargs", {"description": DESCRIPTION, "exit_on_error": False, "prog": prog})
+        kwargs.setdefault(
+            "parser_kwargs", {"description": DESCRIPTION, "exit_on_error": False, "prog": prog, "usage": USAGE}
+        )
         super().__init__(
             model_class=ClassifierModule,
             subclass_mode_model=True,
@@ -103,6 +122,46 @@ class DropoutLabCLI(LightningCLI):
             self.config[key] = int(inherited) if inherited.isdigit() else secrets.randbelow(2**31)
         super()._set_seed()
 
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        """Parse as Lightning does, and note which :data:`BATCH_COUNTS` were written as integers.
+
+        The Trainer types them ``float | int``, so the parser makes ``--trainer.limit_val_batches 1`` the fraction
+        1.0 (every batch) and ``--trainer.val_check_interval 50`` the invalid fraction 50.0;
+        :meth:`instantiate_trainer` passes them as the integers written.
+        """
+        super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        config = self.config[subcommand] if subcommand else self.config
+        argv = list(sys.argv[1:] if args is None else args) if not isinstance(args, dict) else []
+        self._integer_counts = _integer_batch_counts(config.get("config") or [], argv)
+        trainer = config.get("trainer")
+        for key in self._integer_counts if trainer is not None else ():  # config.yaml records the integer too
+            if isinstance(trainer.get(key), float) and trainer[key].is_integer():
+                trainer[key] = int(trainer[key])
+
+    def _add_subcommands(self, parser: LightningArgumentParser, **kwargs: Any) -> None:
+        """Lightning's subcommands, with whole one-line helps (:data:`SUBCOMMAND_HELP`) in the listing."""
+        super()._add_subcommands(parser, **kwargs)
+        action = parser._subcommands_action  # type: ignore[attr-defined]
+        for choice in action._choices_actions:
+            choice.help = SUBCOMMAND_HELP.get(choice.dest, choice.help)
+
+    def _parse_ckpt_path(self) -> None:
+        """Lightning's reading of the checkpoint's hyperparameters; a file that is no checkpoint is a config error."""
+        subcommand = self.config.get("subcommand")
+        path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if path and Path(path).is_file():
+            try:
+                checkpoint = torch.load(path, weights_only=True, map_location="cpu")
+            except Exception as err:  # the weights-only unpickler raises anything on a file of another kind
+                raise ConfigError(
+                    f"ckpt_path: {path} is not a readable checkpoint (torch.load failed: {type(err).__name__}); "
+                    "pass a .ckpt file written by fit, or 'last'"
+                ) from None
+            if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+                raise ConfigError(f"ckpt_path: {path} is not a Lightning checkpoint (it holds no state_dict)")
+        super()._parse_ckpt_path()
+
     def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> LightningArgumentParser:
         parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
         parser.add_argument(
@@ -141,6 +200,21 @@ class DropoutLabCLI(LightningCLI):
                 resolve_ckpt_path(config, continue_run=self.subcommand == "fit")
             except FileNotFoundError as err:
                 raise ConfigError(str(err)) from None
+            self._check_checkpoint_given(config.ckpt_path)
+
+    def _check_checkpoint_given(self, ckpt_path: str | None) -> None:
+        """``mc`` and ``rotated`` need ``--ckpt_path``; without one, ``test``/``validate``/``predict`` warn."""
+        if ckpt_path:
+            return
+        if self.subcommand in NEEDS_CHECKPOINT:
+            raise ConfigError(
+                f"ckpt_path: {self.subcommand} needs the weights of a trained run: pass --ckpt_path "
+                "<run>/checkpoints/last.ckpt (or best-….ckpt), or --ckpt_path last for the newest run of this config"
+            )
+        if self.subcommand in WARNS_WITHOUT_CHECKPOINT:
+            message = (f"warning: no --ckpt_path: {self.subcommand} uses the model's initial (untrained) weights; "
+                       "pass --ckpt_path <run>/checkpoints/last.ckpt or 'last' to evaluate a trained run")  # fmt: skip
+            print(message, file=sys.stderr)
 
     def instantiate_classes(self) -> None:
         """Instantiate model, data and trainer; a constructor's ``ValueError`` becomes a one-line config error."""
@@ -150,19 +224,28 @@ class DropoutLabCLI(LightningCLI):
             raise ConfigError(str(err)) from None
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
-        """Build the Trainer, with the RNG-state and divergence callbacks always added.
+        """Build the Trainer, with the RNG-state and divergence callbacks always added, batch counts as written.
 
         ``--trainer.enable_checkpointing false`` drops the ``checkpoint`` callback and
         ``--trainer.enable_progress_bar false`` drops a configured progress bar, instead of failing.
         """
         config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
+        integers = getattr(self, "_integer_counts", set())
+        for key in BATCH_COUNTS:  # a count written as an integer (see parse_arguments), not a fraction
+            value = config.get(key)
+            if isinstance(value, float) and value.is_integer() and (value > 1 or key in integers):
+                config[key] = int(value)
         extra = [self._get(self.config_init, key) for key in self._parser(self.subcommand).callback_keys]
         if config.get("enable_checkpointing") is False:
             extra = [c for c in extra if not isinstance(c, ModelCheckpoint)]
         extra += [RNGStateCheckpoint(), DivergenceGuard()]
         if config.get("enable_progress_bar") is False and config.get("callbacks"):
             config["callbacks"] = [c for c in config["callbacks"] if not isinstance(c, ProgressBar)]
-        return self._instantiate_trainer(config, extra)
+        trainer = self._instantiate_trainer(config, extra)
+        for callback in trainer.callbacks:  # its config.yaml header names the subcommand that re-runs it
+            if isinstance(callback, ProvenanceSaveConfig):
+                callback.subcommand = self.subcommand
+        return trainer
 
     def after_fit(self) -> None:
         """Test the best checkpoint (or the last weights) when ``--test_after_fit`` is true.
@@ -176,6 +259,27 @@ class DropoutLabCLI(LightningCLI):
         if isinstance(callback, ModelCheckpoint) and not getattr(self.model, "test_in_memory_after_fit", False):
             ckpt = callback.best_model_path or callback.last_model_path or None
         self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt)
+
+
+def _integer_batch_counts(config_files: list[Any], argv: list[str]) -> set[str]:
+    """The :data:`BATCH_COUNTS` keys whose last value, in the config files then on the command line, is an integer."""
+    written: dict[str, bool] = {}
+    for path in config_files:
+        try:
+            trainer = (yaml.safe_load(Path(str(path)).read_text()) or {}).get("trainer") or {}
+        except (OSError, yaml.YAMLError, AttributeError):
+            continue
+        for key in BATCH_COUNTS:
+            if key in trainer:
+                written[key] = isinstance(trainer[key], int) and not isinstance(trainer[key], bool)
+    for i, arg in enumerate(argv):
+        for key in BATCH_COUNTS:
+            value = arg.split("=", 1)[1] if arg.startswith(f"--trainer.{key}=") else None
+            if arg == f"--trainer.{key}" and i + 1 < len(argv):
+                value = argv[i + 1]
+            if value is not None:
+                written[key] = value.strip().lstrip("+").isdigit()
+    return {key for key, is_int in written.items() if is_int}
 
 
 def _launched_per_process() -> bool:
@@ -247,6 +351,8 @@ def main(args: Any = None) -> None:
             print("(see `python -m dropout_lab <subcommand> --help` for every option)", file=sys.stderr)
         sys.exit(2)
     except DivergenceError as err:
+        if sys.stdout.isatty():
+            print(flush=True)  # end the progress bar's line: the error starts a line of its own
         print(f"error: {err}", file=sys.stderr)
         sys.exit(3)
 

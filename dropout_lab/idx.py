@@ -133,6 +133,13 @@ def _check_all(paths: dict[str, Path]) -> dict[str, np.ndarray]:
     return arrays
 
 
+def _umask() -> int:
+    """The process's umask (read by setting it, then set back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _unpack_into(arrays_paths: dict[str, Path], raw_dir: Path) -> None:
     """Unpack checked gzip files into torchvision's layout, atomically (no half-written files)."""
     raw_dir.mkdir(parents=True, exist_ok=True)
@@ -142,6 +149,7 @@ def _unpack_into(arrays_paths: dict[str, Path], raw_dir: Path) -> None:
             continue
         fd, tmp = tempfile.mkstemp(dir=raw_dir, prefix=f".{FILES[key]}.", suffix=".part")
         try:
+            os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would keep a shared data_dir from other users
             with os.fdopen(fd, "wb") as out, gzip.open(src, "rb") as inp:
                 shutil.copyfileobj(inp, out)
             os.replace(tmp, dest)

@@ -49,12 +49,37 @@ def provenance(trainer: L.Trainer | None = None) -> dict[str, Any]:
     return info
 
 
+# Trainer arguments that are a batch count when an integer and a fraction when a float (Lightning's meaning); the
+# parser reads them as floats (the Trainer types them ``float | int``), the CLI passes the integers written
+BATCH_COUNTS = (
+    "limit_train_batches", "limit_val_batches", "limit_test_batches", "limit_predict_batches", "val_check_interval",
+    "overfit_batches",
+)  # fmt: skip
+
+
+def _record_batch_counts(config_file: Path, trainer: L.Trainer) -> None:
+    """Write the Trainer's integer batch counts into ``config_file`` as integers (the parser's dump has 1.0 for 1)."""
+    counts = {key: getattr(trainer, key, None) for key in BATCH_COUNTS}
+    config = yaml.safe_load(config_file.read_text())
+    section = config.get("trainer") if isinstance(config, dict) else None
+    if not isinstance(section, dict):
+        return
+    changed = False
+    for key, value in counts.items():
+        if isinstance(value, int) and isinstance(section.get(key), float) and section[key] == value:
+            section[key], changed = value, True
+    if changed:
+        config_file.write_text(yaml.safe_dump(config, sort_keys=False))
+
+
 class ProvenanceSaveConfig(SaveConfigCallback):
     """Saves the resolved ``config.yaml`` (with the seed actually used) and ``provenance.yaml`` in the run folder.
 
     ``config.yaml`` starts with a comment header naming the versions and the commands that re-run or resume
-    the run from its folder alone.
+    the run from its folder alone (for a ``test``, ``mc``… run: the command that re-runs that subcommand).
     """
+
+    subcommand: str | None = None  # the CLI's subcommand, set by DropoutLabCLI (None: fit)
 
     def save_config(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         """Write ``provenance.yaml`` and prefix ``config.yaml`` with the re-run / resume commands."""
@@ -67,13 +92,20 @@ class ProvenanceSaveConfig(SaveConfigCallback):
         (folder / "provenance.yaml").write_text(yaml.safe_dump(info, sort_keys=False))
         config_file = folder / self.config_filename
         if config_file.is_file():
+            _record_batch_counts(config_file, trainer)
             header = (
                 f"# dropout_lab {info['dropout_lab']}, torch {info['torch']}, lightning {info['lightning']}, "
                 f"python {info['python']}; more in provenance.yaml\n"
-                f"# re-run:  python -m dropout_lab fit --config {config_file}\n"
-                f"# resume:  python -m dropout_lab fit --config {config_file} "
-                f"--ckpt_path {folder / 'checkpoints' / 'last.ckpt'}\n"
             )
+            subcommand = self.subcommand or "fit"
+            header += f"# re-run:  python -m dropout_lab {subcommand} --config {config_file}\n"
+            if subcommand == "fit":
+                header += (
+                    f"# resume:  python -m dropout_lab fit --config {config_file} "
+                    f"--ckpt_path {folder / 'checkpoints' / 'last.ckpt'}\n"
+                )
+            else:  # test, mc…: the weights came from its ckpt_path (in this file), not from a fit in this folder
+                header += f"# (a `{subcommand}` run of the checkpoint in ckpt_path; no training happened here)\n"
             config_file.write_text(header + config_file.read_text())
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from jsonargparse.typing import NonNegativeInt, PositiveInt
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 
 from dropout_lab.calibration import calibration_metrics, reliability_bins
 from dropout_lab.plots import plot_reliability, plot_rotated, plot_summaries_vs_T
@@ -151,7 +152,7 @@ class LabTrainer(L.Trainer):
             datamodule: the data (from the config); the image comes from the test split.
             ckpt_path: checkpoint whose weights to use.
             samples: MC passes T per rotated image.
-            target_class: class of the image to rotate (1 = trouser).
+            target_class: class of the image to rotate, 0–9 (1 = trouser).
             index: which test image of that class (0 = the first).
             output_dir: where to write the files; default: the checkpoint's run folder.
             share_prefix: run the layers before the first noise layer once per image, not once per pass (faster;
@@ -165,9 +166,14 @@ class LabTrainer(L.Trainer):
         assert datamodule is not None, "the rotated experiment needs the data module"
         datamodule.setup("test")
         images, labels = datamodule.splits["test"]  # type: ignore[attr-defined]
+        if target_class >= len(FASHION_MNIST_CLASSES):
+            last = len(FASHION_MNIST_CLASSES) - 1
+            raise MisconfigurationException(f"target_class: {target_class} is not a class; FashionMNIST has 0–{last}")
         chosen = (labels == target_class).nonzero().flatten()
         if index >= len(chosen):
-            raise ValueError(f"index: only {len(chosen)} test images of class {target_class}")
+            raise MisconfigurationException(
+                f"index: {index} is past the {len(chosen)} test images of class {target_class} (0–{len(chosen) - 1})"
+            )
         image = images[chosen[index]].to(torch.float32).div(255.0).unsqueeze(0)
         mean, std = getattr(datamodule, "mean", 0.0), getattr(datamodule, "std", 1.0)
         image = (image - mean) / std  # the loader's preprocessing

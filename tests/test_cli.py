@@ -332,6 +332,12 @@ def test_test_subcommand_on_last_checkpoint(
     again = re.search(r"test/acc\s+([0-9.]+)", out)
     assert after_fit and again, out
     assert again.group(1) == after_fit.group(1)  # one epoch: the best checkpoint is the last one
+    (tested,) = (in_tmp / "logs").glob("*/version_*/config.yaml")  # the test run's own folder
+    header = [line for line in tested.read_text().splitlines() if line.startswith("#")]
+    assert f"# re-run:  python -m dropout_lab test --config {tested}" in header, header
+    assert not any(line.startswith("# resume:") for line in header), header  # nothing was trained there
+    fit_header = (run / "config.yaml").read_text()
+    assert "# re-run:  python -m dropout_lab fit --config" in fit_header and "# resume:" in fit_header
 
 
 def test_help(in_tmp: Path, capsys: pytest.CaptureFixture) -> None:
@@ -412,3 +418,89 @@ def test_condense_error() -> None:
     assert condense_error('Parser key "data.batch_size": bad') == "data.batch_size: bad"
     assert condense_error("") == "invalid arguments"
     assert condense_error("one\ntwo") == "one"
+
+
+def test_a_file_that_is_no_checkpoint_is_one_error_line(in_tmp: Path, capsys: pytest.CaptureFixture) -> None:
+    """Any file but a checkpoint: text, a truncated checkpoint, a torch file without weights."""
+    text, truncated, plain = in_tmp / "notes.ckpt", in_tmp / "cut.ckpt", in_tmp / "list.ckpt"
+    text.write_text("not a checkpoint\n" * 50)
+    torch.save({"state_dict": {"w": torch.zeros(1000)}}, in_tmp / "whole.ckpt")
+    truncated.write_bytes((in_tmp / "whole.ckpt").read_bytes()[:2000])
+    torch.save([1, 2], plain)
+    expected = {text: "is not a readable checkpoint", truncated: "is not a readable checkpoint",
+                plain: "is not a Lightning checkpoint (it holds no state_dict)"}  # fmt: skip
+    for subcommand in ("fit", "test"):
+        for path, message in expected.items():
+            args = [subcommand, "--config", str(MLP), *local(in_tmp), "--ckpt_path", str(path)]
+            code, _, err = run_main(args, capsys)
+            assert code == 2 and "Traceback" not in err, err
+            (line,) = error_lines(err)
+            assert line.startswith(f"error: ckpt_path: {path} ") and message in line, line
+    assert not (in_tmp / "logs").exists()
+
+
+@pytest.mark.parametrize("subcommand", ["mc", "rotated"])
+def test_mc_commands_need_a_checkpoint(subcommand: str, in_tmp: Path, capsys: pytest.CaptureFixture) -> None:
+    code, _, err = run_main([subcommand, "--config", str(MLP), *local(in_tmp), "--samples", "2"], capsys)
+    assert code == 2 and "Traceback" not in err, err
+    (line,) = error_lines(err)
+    assert line.startswith(f"error: ckpt_path: {subcommand} needs the weights of a trained run"), line
+    assert not list(in_tmp.glob("*.p*")), "nothing is written"
+
+
+def test_test_without_a_checkpoint_warns_about_initial_weights(in_tmp: Path, capsys: pytest.CaptureFixture) -> None:
+    args = ["test", "--config", str(MLP), *local(in_tmp), "--data.val_size", "100", "--trainer.limit_test_batches", "2"]
+    main([*args, "--trainer.enable_progress_bar", "false"])
+    err = capsys.readouterr().err
+    assert "warning: no --ckpt_path: test uses the model's initial (untrained) weights" in err, err
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [(["--target_class", "12"], "target_class: 12 is not a class; FashionMNIST has 0–9"),
+     (["--index", "5000"], "index: 5000 is past the")],
+)  # fmt: skip
+def test_rotated_out_of_range_is_one_error_line(
+    extra: list[str], message: str, cli_runs, in_tmp: Path, capsys: pytest.CaptureFixture
+) -> None:
+    result, workdir = cli_runs["fit"]
+    assert result.returncode == 0, explain(result)
+    ckpt = run_dir_of(workdir) / "checkpoints" / "last.ckpt"
+    args = ["rotated", "--config", str(MLP), *local(in_tmp), "--data.val_size", "100", "--ckpt_path", str(ckpt), *extra]
+    code, _, err = run_main([*args, "--output_dir", str(in_tmp / "rot")], capsys)
+    assert code == 2 and "Traceback" not in err, err
+    (line,) = error_lines(err)
+    assert line.startswith(f"error: {message}"), line
+
+
+def test_an_integer_batch_count_stays_a_count(in_tmp: Path, capsys: pytest.CaptureFixture) -> None:
+    """The Trainer types limit_*_batches ``float | int``: a written 1 is one batch, not 100 % (1.0)."""
+    from dropout_lab.cli import DropoutLabCLI
+
+    (in_tmp / "limits.yaml").write_text("trainer:\n  limit_test_batches: 1\n  limit_predict_batches: 1.0\n")
+    args = ["fit", "--config", str(MLP), *local(in_tmp), "--config", str(in_tmp / "limits.yaml"),
+            "--data.val_size", "100", "--data.batch_size", "32", "--trainer.max_epochs", "1",
+            "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1", "--trainer.val_check_interval=2",
+            "--trainer.enable_progress_bar", "false"]  # fmt: skip
+    cli = DropoutLabCLI(args=args)
+    trainer = cli.trainer
+    assert (trainer.limit_val_batches, trainer.limit_test_batches, trainer.val_check_interval) == (1, 1, 2)
+    assert [type(v) for v in (trainer.limit_val_batches, trainer.limit_test_batches)] == [int, int]
+    assert trainer.limit_predict_batches == 1.0 and isinstance(trainer.limit_predict_batches, float)  # written 1.0
+    assert trainer.num_val_batches == [1] and trainer.num_test_batches == [1]
+    (run,) = (in_tmp / "logs").glob("*/version_*")
+    saved = yaml.safe_load((run / "config.yaml").read_text())["trainer"]
+    assert saved["limit_val_batches"] == 1 and isinstance(saved["limit_val_batches"], int)  # a rerun gets 1 too
+
+
+def test_help_lists_every_program_and_whole_subcommand_lines(in_tmp: Path, capsys: pytest.CaptureFixture) -> None:
+    code, out, _ = run_main(["--help"], capsys)
+    assert code in (0, None)
+    usage = out.split("\n\n")[0]
+    assert "{fit,validate,test,predict,mc,rotated}" in usage and "{study,co2}" in usage, usage
+    listing = " ".join(out.split("Available subcommands:")[1].split())
+    for line in (
+        "test One evaluation epoch over the test split, with the weights of --ckpt_path.",
+        "fit Train (resume with --ckpt_path), then test the best checkpoint (--test_after_fit false to skip).",
+    ):
+        assert line in listing, listing

@@ -54,6 +54,9 @@ def test_env_gzip_dir_unpacked_once(
     assert {key: p.name for key, p in paths.items()} == idx.FILES
     assert all(p.parent == raw_dir for p in paths.values())
     assert_same_set(load_arrays(paths), synthetic)
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert {p.stat().st_mode & 0o777 for p in raw_dir.iterdir()} == {0o666 & ~umask}  # not mkstemp's 0600
     for path in raw_dir.iterdir():
         os.utime(path, (OLD, OLD))
 
