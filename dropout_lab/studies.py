@@ -26,7 +26,10 @@ import yaml
 
 from dropout_lab import study_report as report
 
-__all__ = ["Cell", "Study", "StudyError", "expand_grid", "expected_epochs", "load_study", "main", "pending", "run_args"]
+__all__ = [
+    "Cell", "Study", "StudyError", "expand_grid", "expected_epochs", "load_study", "main", "pending", "run_args",
+    "run_options",
+]  # fmt: skip
 
 FIGURES = ("bar", "curves", "variance", "heatmap", "test_error")
 _KEYS = {"name", "base", "grid", "cells", "seeds", "epochs", "baseline", "compare", "figure", "args", "out",
@@ -198,13 +201,48 @@ def expected_epochs(study: Study, cell: Cell, extra: Sequence[str] = ()) -> str 
         return None
 
 
+# run options that do not change a run's numbers: left out of the ``options`` a results row records
+_NEUTRAL_OPTIONS = ("--data.data_dir", "--data.init_args.data_dir", "--trainer.enable_progress_bar",
+                    "--trainer.enable_model_summary")  # fmt: skip
+
+
+def run_options(study: Study, extra: Sequence[str] = ()) -> str:
+    """The options every run of the study gets (its ``args``, then those after ``--``), as ``results.csv`` has them.
+
+    ``--key=value`` pairs in order, as JSON, without the ones that cannot change a result (the data folder, the
+    progress bar); a key given twice counts once, at its last place (where it wins). Config files merged by
+    ``--config`` all count.
+    """
+    args, pairs, i = [*study.args, *extra], [], 0
+    while i < len(args):
+        arg = args[i]
+        if arg.startswith("--") and "=" not in arg and i + 1 < len(args) and not args[i + 1].startswith("--"):
+            arg, i = f"{arg}={args[i + 1]}", i + 1
+        key = arg.split("=", 1)[0]
+        if key not in _NEUTRAL_OPTIONS:
+            if key != "--config":
+                pairs = [p for p in pairs if p.split("=", 1)[0] != key]
+            pairs.append(arg)
+        i += 1
+    return json.dumps(pairs)
+
+
 def pending(study: Study, done_rows: list[dict[str, str]], extra: Sequence[str] = ()) -> list[tuple[Cell, int]]:
     """The (cell, seed) pairs of ``study`` that have no row in ``done_rows`` yet, seeds outermost.
 
     Raises:
         StudyError: a finished row of a cell has another ``max_epochs`` than a run of that cell would now get
-            (from ``--epochs``, the study's ``epochs``, its arguments or the cell's config file).
+            (from ``--epochs``, the study's ``epochs``, its arguments or the cell's config file), or was run with
+            other options (:func:`run_options`; rows of versions that did not record them are not checked).
     """
+    options = run_options(study, extra)
+    for row in done_rows:
+        if row.get("options") and row["options"] != options:
+            raise StudyError(
+                f"{study.out / 'results.csv'} holds runs made with other options ({row['cell']} seed {row['seed']}: "
+                f"{row['options']}) than these runs get ({options}); pass the same options (the study's args and "
+                "those after --), or another --out"
+            )
     for cell in study.cells:
         expected = expected_epochs(study, cell, extra)
         other = sorted({r["max_epochs"] for r in done_rows if r["cell"] == cell.name} - {expected})

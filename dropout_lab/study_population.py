@@ -31,7 +31,7 @@ import torch
 import yaml
 
 from dropout_lab import study_report as report
-from dropout_lab.studies import Cell, Study, StudyError, run_args
+from dropout_lab.studies import Cell, Study, StudyError, run_args, run_options
 
 __all__ = ["population_cells", "population_config", "run_population"]
 
@@ -200,6 +200,8 @@ def run_population(
     print(f"population: {len(cells)} cells × {len(study.seeds)} seeds = {len(cells) * len(study.seeds)} members "
           f"in one run ({path})" + (f"; resuming from {last}" if resume else ""), flush=True)  # fmt: skip
     rows, curves, seconds = _fit(study, cells, [*args, f"--ckpt_path={last}"] if resume else args, run_dir)
+    options = run_options(study, extra)  # the options of each member's run, as a separate run records them
+    rows = [row | {"options": options} for row in rows]
     report.append_rows(study.out / "curves.csv", report.CURVE_FIELDS, curves)
     report.append_rows(study.out / "results.csv", report.RESULT_FIELDS, rows)
     note = {"cells": [c.name for c in cells], "seeds": study.seeds, "seconds": round(seconds, 1),

@@ -34,7 +34,7 @@ ALPHA = 0.05
 Rows = list[dict[str, str]]
 RESULT_FIELDS = [
     "cell", "seed", "max_epochs", "test_acc", "test_loss", "val_acc", "best_val_acc", "train_acc", "gap",
-    "steps", "seconds", "overrides", "finished",
+    "steps", "seconds", "overrides", "finished", "options",
 ]  # fmt: skip
 CURVE_FIELDS = ["cell", "seed", "tag", "step", "value"]
 POPULATION_NOTES = "population.json"  # written by ``study --population`` (dropout_lab.study_population)
@@ -47,10 +47,16 @@ def read_rows(path: Path) -> list[dict[str, str]]:
 
 
 def append_rows(path: Path, fields: list[str], rows: list[dict[str, Any]]) -> None:
-    """Append ``rows`` to a CSV file (header first if new) and force them to disk (flush + fsync)."""
+    """Append ``rows`` to a CSV file (header first if new) and force them to disk (flush + fsync).
+
+    A file written with fewer columns (by an older version) keeps its header: the rows' other fields are dropped.
+    """
     new = not path.exists() or path.stat().st_size == 0
+    if not new:
+        with path.open(newline="") as f:
+            fields = next(csv.reader(f), fields)
     with path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
+        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         if new:
             writer.writeheader()
         writer.writerows(rows)

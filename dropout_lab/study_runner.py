@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from dropout_lab import study_report as report
-from dropout_lab.studies import MIN_SEEDS, Cell, Study, StudyError, pending, run_args
+from dropout_lab.studies import MIN_SEEDS, Cell, Study, StudyError, pending, run_args, run_options
 
 __all__ = ["run_one", "run_study"]
 
@@ -223,6 +223,7 @@ def run_one(study: Study, cell: Cell, seed: int, logdir: Path, extra: list[str],
         "val_acc": val[-1][1], "best_val_acc": max(v for _, v in val), "train_acc": train[-1][1],
         "gap": train[-1][1] - val[-1][1], "steps": cli.trainer.global_step, "seconds": round(seconds, 1),
         "overrides": json.dumps(cell.overrides), "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "options": run_options(study, extra),
     }  # fmt: skip
     scalars["test_epoch/acc"] = epoch_tests
     curves = [

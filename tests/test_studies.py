@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import math
 from pathlib import Path
 
@@ -279,6 +280,42 @@ def test_a_study_whose_out_is_its_log_folder_runs(tmp_path: Path, tv_data_dir: P
     argv[argv.index("--out") + 1] = str(logs / "tiny")
     cli_main([*argv[:3], "--seeds", "0", *argv[3:]])
     assert len(read_rows(logs / "tiny" / "results.csv")) == 2 and "[2/2]" in capsys.readouterr().out
+
+
+def test_a_rerun_with_other_options_is_refused(tmp_path: Path, tv_data_dir: Path, capsys) -> None:
+    """The rows record the runs' options; a rerun whose options differ would mix two experiments in one table."""
+    argv, out, _ = tiny_study(tmp_path, tv_data_dir)
+    argv = [*argv[:3], "--seeds", "0", *argv[3:]]
+    cli_main(argv)
+    rows = read_rows(out / "results.csv")
+    assert {r["options"] for r in rows} == {json.dumps([  # the study's args; the data folder is left out
+        "--trainer.accelerator=cpu", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1",
+        "--trainer.limit_test_batches=1", "--data.val_size=100", "--data.batch_size=32",
+    ])}  # fmt: skip
+    seeds = [*argv[:4], "0", "1", *argv[5:]]  # one more seed, so a run is left to do
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main([*seeds, "--model.init_args.hidden_sizes", "[16, 16]"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "holds runs made with other options" in err and "Traceback" not in err, err
+    assert len(read_rows(out / "results.csv")) == 2  # nothing ran
+    # the same options, another spelling (`--k v`) and another data folder: the same runs
+    spelled = [a for a in seeds if a != "--data.data_dir"]
+    spelled[spelled.index(str(tv_data_dir))] = f"--data.data_dir={tv_data_dir}"
+    cli_main([*spelled, "--data.batch_size", "32"])
+    assert "2 done, 2 to run" in capsys.readouterr().out and len(read_rows(out / "results.csv")) == 4
+
+
+def test_rows_append_under_an_older_header(tmp_path: Path) -> None:
+    """A results.csv of a version without the `options` column keeps its columns; its rows are not checked."""
+    path = tmp_path / "results.csv"
+    old = [f for f in RESULT_FIELDS if f != "options"]
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=old)
+        writer.writeheader()
+        writer.writerow({k: "1" for k in old})
+    append_rows(path, RESULT_FIELDS, [{k: "2" for k in RESULT_FIELDS}])
+    rows = read_rows(path)
+    assert [set(r) for r in rows] == [set(old)] * 2 and [r["seed"] for r in rows] == ["1", "2"]
 
 
 def test_the_finished_runs_are_read_after_the_lock_is_taken(tmp_path: Path, tv_data_dir: Path, capsys, monkeypatch):

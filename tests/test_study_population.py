@@ -228,7 +228,8 @@ def test_a_partly_finished_cell_is_refused_and_dry_run_writes_nothing(
     with (out / "results.csv").open("w", newline="") as f:  # seed 3 of the first cell finished by the runner
         writer = csv.DictWriter(f, fieldnames=RESULT_FIELDS)
         writer.writeheader()
-        writer.writerow({k: "0" for k in RESULT_FIELDS} | {"cell": "dropouts=0.5,0.5", "seed": "3", "max_epochs": "2"})
+        finished = {"cell": "dropouts=0.5,0.5", "seed": "3", "max_epochs": "2", "options": ""}  # options: unrecorded
+        writer.writerow({k: "0" for k in RESULT_FIELDS} | finished)
     with pytest.raises(SystemExit):
         cli_main(argv)
     assert "cell dropouts=0.5,0.5 has finished seeds [3]" in capsys.readouterr().err
