@@ -70,8 +70,11 @@ class DropoutLabCLI(LightningCLI):
 
     def __init__(self, args: Any = None, run: bool = True, **kwargs: Any) -> None:
         prog = "python -m dropout_lab" if sys.argv[0].endswith("__main__.py") else None
+        strict = {"allow_abbrev": False}  # `--trainer.max_epoch 3` is a typo to report, not --trainer.max_epochs
         kwargs.setdefault(
-            "parser_kwargs", {"description": DESCRIPTION, "exit_on_error": False, "prog": prog, "usage": USAGE}
+            "parser_kwargs",
+            {"description": DESCRIPTION, "exit_on_error": False, "prog": prog, "usage": USAGE, **strict}
+            | {name: dict(strict) for name in self.subcommands()},
         )
         super().__init__(
             model_class=ClassifierModule,
@@ -160,7 +163,12 @@ class DropoutLabCLI(LightningCLI):
                 ) from None
             if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
                 raise ConfigError(f"ckpt_path: {path} is not a Lightning checkpoint (it holds no state_dict)")
+        before = _model_class(self.config, subcommand)
         super()._parse_ckpt_path()
+        after = _model_class(self.config, subcommand)
+        if before and after and before != after:  # Lightning rebuilds the checkpoint's model: say so
+            print(f"note: --ckpt_path {path} holds a {after.rsplit('.', 1)[-1]}; it is used instead of the config's "
+                  f"{before.rsplit('.', 1)[-1]} (with the checkpoint's hyperparameters)", file=sys.stderr)  # fmt: skip
 
     def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> LightningArgumentParser:
         parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
@@ -259,6 +267,13 @@ class DropoutLabCLI(LightningCLI):
         if isinstance(callback, ModelCheckpoint) and not getattr(self.model, "test_in_memory_after_fit", False):
             ckpt = callback.best_model_path or callback.last_model_path or None
         self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt)
+
+
+def _model_class(config: Any, subcommand: str | None) -> str | None:
+    """The ``model.class_path`` of ``subcommand``'s part of a parsed config (None if it has none)."""
+    model = (config.get(subcommand) if subcommand else config) or {}
+    model = model.get("model") if hasattr(model, "get") else None
+    return str(model.get("class_path")) if hasattr(model, "get") and model.get("class_path") else None
 
 
 def _integer_batch_counts(config_files: list[Any], argv: list[str]) -> set[str]:

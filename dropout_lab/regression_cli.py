@@ -116,15 +116,16 @@ def report(
             distribution); false = the MC draws of the versions before this option.
     """
     nets = {"ReLU": _checkpoint(relu), "Tanh": _checkpoint(tanh)}
+    dm = _data_of(nets)  # checks the checkpoints before anything is written
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
-    dm = _data_of(nets)
     (t_train, y_train), (t_test, y_test) = dm.raw["train"], dm.raw["test"]
     t_all = np.concatenate([t_train, t_test])
     x_all = torch.cat([dm.splits["train"][0], dm.splits["test"][0]])
     device = "cuda" if torch.cuda.is_available() else "cpu"
     preds, seconds = {}, {}
     for name, ckpt in nets.items():
+        print(f"{name}: {samples} MC passes over {len(x_all)} weeks on the {device} ({ckpt})", flush=True)
         start = time.perf_counter()
         model = MCDropoutRegressor.load_from_checkpoint(ckpt, map_location=device)
         torch.manual_seed(seed)
@@ -134,6 +135,7 @@ def report(
         noise = float(np.mean((mean[: len(t_train)] - y_train) ** 2))  # homoscedastic noise: train residuals
         preds[name] = (mean, np.sqrt(var * dm.y_std**2 + noise), np.sqrt(var) * dm.y_std)
         seconds[name] = time.perf_counter() - start
+    print(f"GP: fitting on {len(t_train[::gp_every])} training weeks (the longest step: minutes on a CPU)", flush=True)
     start = time.perf_counter()
     preds["GP"] = _gp_predict(t_train[::gp_every], y_train[::gp_every], t_all, gp_restarts, seed)
     seconds["GP"] = time.perf_counter() - start
@@ -150,11 +152,25 @@ def report(
 
 
 def _data_of(nets: dict[str, str]) -> CO2DataModule:
-    """The data module the checkpoints were trained on (their saved data arguments must agree)."""
+    """The data module the checkpoints were trained on (their saved data arguments must agree).
+
+    Raises:
+        ConfigError: a file is not a checkpoint of the CO2 regressor, or not of the activation it is passed as.
+    """
     keys = ("holdout_years", "batch_size")
     found = {}
     for name, ckpt in nets.items():
-        saved = torch.load(ckpt, map_location="cpu", weights_only=False).get("datamodule_hyper_parameters", {})
+        option = name.lower()
+        try:
+            checkpoint = torch.load(ckpt, map_location="cpu", weights_only=False)
+        except Exception as err:  # a file of another kind: any unpickling error
+            raise ConfigError(f"{option}: {ckpt} is not a readable checkpoint ({type(err).__name__})") from None
+        saved = checkpoint.get("datamodule_hyper_parameters", {}) if isinstance(checkpoint, dict) else {}
+        hparams = checkpoint.get("hyper_parameters", {}) if isinstance(checkpoint, dict) else {}
+        if "holdout_years" not in saved or "activation" not in hparams:
+            raise ConfigError(f"{option}: {ckpt} is not a checkpoint of the CO2 regressor (co2 fit writes those)")
+        if hparams["activation"] != option:
+            raise ConfigError(f"{option}: {ckpt} holds a {hparams['activation']} net, not a {option} one")
         found[name] = {k: saved[k] for k in keys if k in saved}
     if found["ReLU"].get("holdout_years") != found["Tanh"].get("holdout_years"):
         raise ConfigError(f"relu, tanh: the checkpoints hold out different years: {found}")

@@ -259,12 +259,14 @@ def _parser() -> argparse.ArgumentParser:
         description="Run a study (a grid of config overrides × seeds, each run a `fit` + test of the best "
         "checkpoint), appending to <out>/results.csv as runs finish (rerun to resume), then write <out>/<name>.md "
         "(mean ± std per cell, Welch's t-tests) and <out>/<name>.png. Options after `--` go to every run.",
+        allow_abbrev=False,
     )
     parser.error = lambda message: sys.exit(print(f"error: {message}", file=sys.stderr) or 2)  # type: ignore[method-assign]
     add = parser.add_argument
     add("--config", required=True, help="the study file (YAML), e.g. configs/studies/swap.yaml")
     add("--out", help="output folder (default: the file's `out`, else results/studies/<name>)")
-    add("--logdir", default="lightning_logs/studies", help="TensorBoard root: <logdir>/<name>/<cell>/seed<k>")
+    add("--logdir", default="lightning_logs/studies",
+        help="TensorBoard root: <logdir>/<name>/<cell>/seed<k> (default: lightning_logs/studies)")  # fmt: skip
     add("--seeds", type=int, nargs="+", help="seeds to run instead of the file's (e.g. 0 1 2)")
     add("--epochs", type=int, help="trainer.max_epochs of every run (default: the file's, else the config's)")
     add(

@@ -57,7 +57,8 @@ class LabTrainer(L.Trainer):
 
         Writes ``mc_predictions.pt`` (per test image: deterministic and MC predictive probabilities, predictive
         entropy, mutual information, per-class variance, target) and ``reliability.png``, and prints a table
-        of accuracy, NLL, Brier score and ECE for both.
+        of accuracy, NLL, Brier score and ECE for both. The test split goes through ``predict``, so
+        ``--trainer.limit_predict_batches`` (not ``limit_test_batches``) shortens it.
 
         Args:
             model: the LightningModule (from the config).

@@ -254,6 +254,7 @@ BAD = [
     pytest.param(["--config", "does-not-exist.yaml"], "does-not-exist.yaml", id="missing_config"),
     pytest.param(["--model.init_args.no_such_option", "1"], "no_such_option", id="unknown_model_key"),
     pytest.param(["--trainer.no_such_option", "1"], "no_such_option", id="unknown_trainer_key"),
+    pytest.param(["--trainer.max_epoch", "3"], "--trainer.max_epoch 3", id="abbreviated_option"),
     pytest.param(["--data.batch_size", "many"], "data.batch_size", id="wrong_type"),
     pytest.param(["--model.dropouts", "0.5"], "model.dropouts", id="p_not_a_list"),
     pytest.param(["--ckpt_path", "no-such.ckpt"], "ckpt_path", id="missing_checkpoint"),

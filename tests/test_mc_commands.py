@@ -121,3 +121,15 @@ def test_mc_curve_and_rotated_run_under_the_trainer_precision(
     assert (tmp_path / "rot" / "rotated.md").read_text().count("\n| ") >= 12
     saved = torch.load(tmp_path / "mc" / "mc_predictions.pt", weights_only=True)
     assert saved["mc_probs"].dtype == torch.promote_types(dtype, torch.float32)  # summaries: at least float32
+
+
+def test_a_checkpoint_of_another_model_is_named(checkpoint: Path, tmp_path: Path, capsys) -> None:
+    """Lightning rebuilds the checkpoint's model (an MLP) where the config names LeNet: the run says so."""
+    args = ["mc", *synthetic_cli_args(ROOT / "configs/lenet.yaml", tmp_path), "--ckpt_path", str(checkpoint)]
+    cli = DropoutLabCLI(args=[*args, "--samples", "2", "--output_dir", str(tmp_path / "mc")])
+    assert type(cli.model).__name__ == "DropoutMLP"
+    err = capsys.readouterr().err
+    assert f"note: --ckpt_path {checkpoint} holds a DropoutMLP; it is used instead of the config's LeNet" in err, err
+    DropoutLabCLI(args=["mc", *_common(tmp_path), "--ckpt_path", str(checkpoint), "--samples", "2",
+                        "--output_dir", str(tmp_path / "mc")])  # fmt: skip
+    assert "note:" not in capsys.readouterr().err  # the same class: nothing to say

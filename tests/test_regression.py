@@ -207,8 +207,26 @@ def test_report_end_to_end(tmp_path: Path, capsys) -> None:
     table = (out / "co2.md").read_text()
     for name in ("ReLU", "Tanh", "GP"):
         assert f"| {name} |" in table
-    assert "RMSE held-out (ppm)" in capsys.readouterr().out
-    assert (tmp_path / "logs" / "co2_tanh" / "version_0" / "checkpoints" / "last.ckpt").is_file()
+    printed = capsys.readouterr().out
+    assert "RMSE held-out (ppm)" in printed
+    assert "ReLU: 5 MC passes over" in printed and "GP: fitting on" in printed  # a line before each long step
+    tanh_ckpt = tmp_path / "logs" / "co2_tanh" / "version_0" / "checkpoints" / "last.ckpt"
+    assert tanh_ckpt.is_file()
+    # checkpoints swapped, of another model, or no checkpoint at all: one error line each, nothing written
+    fashion, notes = tmp_path / "fashion.ckpt", tmp_path / "notes.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": {"dropouts": [0.5]}}, fashion)
+    notes.write_text("notes\n")
+    wrong = {
+        (str(tanh_ckpt), str(relu)): f"relu: {tanh_ckpt} holds a tanh net, not a relu one",
+        (str(relu), str(fashion)): f"tanh: {fashion} is not a checkpoint of the CO2 regressor",
+        (str(notes), str(relu)): f"relu: {notes} is not a readable checkpoint",
+    }
+    for (relu_arg, tanh_arg), message in wrong.items():
+        with pytest.raises(SystemExit) as exit_info:
+            main(["co2", "report", "--relu", relu_arg, "--tanh", tanh_arg, "--out", str(tmp_path / "wrong")])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and err.startswith(f"error: {message}") and "Traceback" not in err, err
+    assert not (tmp_path / "wrong").exists()
 
 
 def test_missing_extra_is_one_error_line(tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch) -> None:
