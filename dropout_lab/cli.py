@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-import yaml
 from jsonargparse import ArgumentError
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Trainer
@@ -22,7 +21,7 @@ from dropout_lab.data import FashionMNISTDataModule
 from dropout_lab.idx import DataError
 from dropout_lab.models import ClassifierModule
 from dropout_lab.reliability import DivergenceError, DivergenceGuard, LastEveryEpochCheckpoint, RNGStateCheckpoint
-from dropout_lab.runs import BATCH_COUNTS, ProvenanceSaveConfig, resolve_ckpt_path
+from dropout_lab.runs import ProvenanceSaveConfig, resolve_ckpt_path
 from dropout_lab.trainer import LabTrainer
 
 __all__ = ["ConfigError", "DropoutLabCLI", "main"]
@@ -38,10 +37,6 @@ DESCRIPTION = (
 
 # Programs reached through this entry point besides LightningCLI's subcommands: first argument → "module:function".
 APPS = {"study": "dropout_lab.studies:main", "co2": "dropout_lab.regression_cli:main"}
-USAGE = (
-    "python -m dropout_lab [-h] [-c CONFIG] {fit,validate,test,predict,mc,rotated} ...\n"
-    "       python -m dropout_lab {study,co2} ... (see `study --help`, `co2 --help`)"
-)
 # The subcommands' one-line help in `--help` (Lightning's docstrings break off at their first line)
 SUBCOMMAND_HELP = {
     "fit": "Train (resume with --ckpt_path), then test the best checkpoint (--test_after_fit false to skip).",
@@ -73,7 +68,7 @@ class DropoutLabCLI(LightningCLI):
         strict = {"allow_abbrev": False}  # `--trainer.max_epoch 3` is a typo to report, not --trainer.max_epochs
         kwargs.setdefault(
             "parser_kwargs",
-            {"description": DESCRIPTION, "exit_on_error": False, "prog": prog, "usage": USAGE, **strict}
+            {"description": DESCRIPTION, "exit_on_error": False, "prog": prog, **strict}
             | {name: dict(strict) for name in self.subcommands()},
         )
         super().__init__(
@@ -124,23 +119,6 @@ class DropoutLabCLI(LightningCLI):
                 )
             self.config[key] = int(inherited) if inherited.isdigit() else secrets.randbelow(2**31)
         super()._set_seed()
-
-    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
-        """Parse as Lightning does, and note which :data:`BATCH_COUNTS` were written as integers.
-
-        The Trainer types them ``float | int``, so the parser makes ``--trainer.limit_val_batches 1`` the fraction
-        1.0 (every batch) and ``--trainer.val_check_interval 50`` the invalid fraction 50.0;
-        :meth:`instantiate_trainer` passes them as the integers written.
-        """
-        super().parse_arguments(parser, args)
-        subcommand = self.config.get("subcommand")
-        config = self.config[subcommand] if subcommand else self.config
-        argv = list(sys.argv[1:] if args is None else args) if not isinstance(args, dict) else []
-        self._integer_counts = _integer_batch_counts(config.get("config") or [], argv)
-        trainer = config.get("trainer")
-        for key in self._integer_counts if trainer is not None else ():  # config.yaml records the integer too
-            if isinstance(trainer.get(key), float) and trainer[key].is_integer():
-                trainer[key] = int(trainer[key])
 
     def _add_subcommands(self, parser: LightningArgumentParser, **kwargs: Any) -> None:
         """Lightning's subcommands, with whole one-line helps (:data:`SUBCOMMAND_HELP`) in the listing."""
@@ -232,17 +210,12 @@ class DropoutLabCLI(LightningCLI):
             raise ConfigError(str(err)) from None
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
-        """Build the Trainer, with the RNG-state and divergence callbacks always added, batch counts as written.
+        """Build the Trainer, with the RNG-state and divergence callbacks always added.
 
         ``--trainer.enable_checkpointing false`` drops the ``checkpoint`` callback and
         ``--trainer.enable_progress_bar false`` drops a configured progress bar, instead of failing.
         """
         config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
-        integers = getattr(self, "_integer_counts", set())
-        for key in BATCH_COUNTS:  # a count written as an integer (see parse_arguments), not a fraction
-            value = config.get(key)
-            if isinstance(value, float) and value.is_integer() and (value > 1 or key in integers):
-                config[key] = int(value)
         extra = [self._get(self.config_init, key) for key in self._parser(self.subcommand).callback_keys]
         if config.get("enable_checkpointing") is False:
             extra = [c for c in extra if not isinstance(c, ModelCheckpoint)]
@@ -274,27 +247,6 @@ def _model_class(config: Any, subcommand: str | None) -> str | None:
     model = (config.get(subcommand) if subcommand else config) or {}
     model = model.get("model") if hasattr(model, "get") else None
     return str(model.get("class_path")) if hasattr(model, "get") and model.get("class_path") else None
-
-
-def _integer_batch_counts(config_files: list[Any], argv: list[str]) -> set[str]:
-    """The :data:`BATCH_COUNTS` keys whose last value, in the config files then on the command line, is an integer."""
-    written: dict[str, bool] = {}
-    for path in config_files:
-        try:
-            trainer = (yaml.safe_load(Path(str(path)).read_text()) or {}).get("trainer") or {}
-        except (OSError, yaml.YAMLError, AttributeError):
-            continue
-        for key in BATCH_COUNTS:
-            if key in trainer:
-                written[key] = isinstance(trainer[key], int) and not isinstance(trainer[key], bool)
-    for i, arg in enumerate(argv):
-        for key in BATCH_COUNTS:
-            value = arg.split("=", 1)[1] if arg.startswith(f"--trainer.{key}=") else None
-            if arg == f"--trainer.{key}" and i + 1 < len(argv):
-                value = argv[i + 1]
-            if value is not None:
-                written[key] = value.strip().lstrip("+").isdigit()
-    return {key for key, is_int in written.items() if is_int}
 
 
 def _launched_per_process() -> bool:

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 from jsonargparse import ArgumentError, ArgumentParser
 from jsonargparse.typing import NonNegativeInt, PositiveInt
 from lightning.fabric.utilities.exceptions import MisconfigurationException
@@ -72,11 +73,24 @@ class CO2CLI(LightningCLI):
             raise ConfigError(str(err)) from None
 
 
+def _check_source(source: str, activation: str) -> None:
+    """Fail before any training if ``source`` is missing, or is a config of another activation than ``activation``."""
+    path = Path(source)
+    if not path.is_file():
+        raise ConfigError(f"{activation}: {source}: no such file; pass a checkpoint (.ckpt) or a config (.yaml)")
+    if path.suffix in (".yaml", ".yml"):
+        try:
+            model = (yaml.safe_load(path.read_text()) or {}).get("model") or {}
+        except (OSError, yaml.YAMLError, AttributeError) as err:
+            raise ConfigError(f"{activation}: {source}: not a readable config ({type(err).__name__})") from None
+        given = model.get("activation", "relu") if isinstance(model, dict) else None  # the regressor's default
+        if given != activation:
+            raise ConfigError(f"{activation}: {source} trains a {given} net, not a {activation} one")
+
+
 def _checkpoint(source: str) -> str:
     """``source`` itself if it is a checkpoint; if it is a YAML config, train it and return the last checkpoint."""
     path = Path(source)
-    if not path.is_file():
-        raise ConfigError(f"{source}: no such file; pass a checkpoint (.ckpt) or a config (.yaml)")
     if path.suffix not in (".yaml", ".yml"):
         return source
     cli = CO2CLI(args=["fit", "--config", source])
@@ -115,6 +129,8 @@ def report(
         share_prefix: run the first hidden layer once per week, not once per pass (faster; the same
             distribution); false = the MC draws of the versions before this option.
     """
+    _check_source(relu, "relu")
+    _check_source(tanh, "tanh")  # both before either config is trained
     nets = {"ReLU": _checkpoint(relu), "Tanh": _checkpoint(tanh)}
     dm = _data_of(nets)  # checks the checkpoints before anything is written
     folder = Path(out)

@@ -49,29 +49,6 @@ def provenance(trainer: L.Trainer | None = None) -> dict[str, Any]:
     return info
 
 
-# Trainer arguments that are a batch count when an integer and a fraction when a float (Lightning's meaning); the
-# parser reads them as floats (the Trainer types them ``float | int``), the CLI passes the integers written
-BATCH_COUNTS = (
-    "limit_train_batches", "limit_val_batches", "limit_test_batches", "limit_predict_batches", "val_check_interval",
-    "overfit_batches",
-)  # fmt: skip
-
-
-def _record_batch_counts(config_file: Path, trainer: L.Trainer) -> None:
-    """Write the Trainer's integer batch counts into ``config_file`` as integers (the parser's dump has 1.0 for 1)."""
-    counts = {key: getattr(trainer, key, None) for key in BATCH_COUNTS}
-    config = yaml.safe_load(config_file.read_text())
-    section = config.get("trainer") if isinstance(config, dict) else None
-    if not isinstance(section, dict):
-        return
-    changed = False
-    for key, value in counts.items():
-        if isinstance(value, int) and isinstance(section.get(key), float) and section[key] == value:
-            section[key], changed = value, True
-    if changed:
-        config_file.write_text(yaml.safe_dump(config, sort_keys=False))
-
-
 class ProvenanceSaveConfig(SaveConfigCallback):
     """Saves the resolved ``config.yaml`` (with the seed actually used) and ``provenance.yaml`` in the run folder.
 
@@ -92,7 +69,6 @@ class ProvenanceSaveConfig(SaveConfigCallback):
         (folder / "provenance.yaml").write_text(yaml.safe_dump(info, sort_keys=False))
         config_file = folder / self.config_filename
         if config_file.is_file():
-            _record_batch_counts(config_file, trainer)
             header = (
                 f"# dropout_lab {info['dropout_lab']}, torch {info['torch']}, lightning {info['lightning']}, "
                 f"python {info['python']}; more in provenance.yaml\n"
@@ -153,6 +129,8 @@ def resolve_ckpt_path(config: Any, continue_run: bool = True) -> None:
     path = Path(ckpt)
     if ckpt not in ("best", "hpc", "registry") and not path.is_file():
         raise FileNotFoundError(f"ckpt_path: no checkpoint file at {ckpt}; pass an existing .ckpt file or 'last'")
+    if path.is_file():
+        config.ckpt_path = str(path.resolve())  # the saved config.yaml re-runs from any folder
     if continue_run and path.parent.name == "checkpoints" and path.parent.parent.parent.resolve() == run_root.resolve():
         folder = path.parent.parent.name
         if logger.get("version") is None and folder.startswith("version_"):

@@ -201,30 +201,45 @@ def expected_epochs(study: Study, cell: Cell, extra: Sequence[str] = ()) -> str 
         return None
 
 
-# run options that do not change a run's numbers: left out of the ``options`` a results row records
+# run options that do not change what a run is: left out of the ``options`` a results row records
 _NEUTRAL_OPTIONS = ("--data.data_dir", "--data.init_args.data_dir", "--trainer.enable_progress_bar",
-                    "--trainer.enable_model_summary")  # fmt: skip
+                    "--trainer.enable_model_summary", "--trainer.accelerator", "--trainer.devices",
+                    "--data.num_workers", "--data.init_args.num_workers")  # fmt: skip
 
 
 def run_options(study: Study, extra: Sequence[str] = ()) -> str:
     """The options every run of the study gets (its ``args``, then those after ``--``), as ``results.csv`` has them.
 
-    ``--key=value`` pairs in order, as JSON, without the ones that cannot change a result (the data folder, the
-    progress bar); a key given twice counts once, at its last place (where it wins). Config files merged by
-    ``--config`` all count.
+    JSON of ``{"--key": value}``, each key's last value (the one that wins; ``--k v`` and ``--k=v`` alike); the
+    files of ``--config`` and the items of ``--key+=item`` as lists, in order. Left out: the options that do not
+    change what a run is (the data folder, the device, loader workers, the progress bar).
     """
-    args, pairs, i = [*study.args, *extra], [], 0
+    args, options, i = [*study.args, *extra], {}, 0
     while i < len(args):
         arg = args[i]
         if arg.startswith("--") and "=" not in arg and i + 1 < len(args) and not args[i + 1].startswith("--"):
             arg, i = f"{arg}={args[i + 1]}", i + 1
-        key = arg.split("=", 1)[0]
+        key, _, value = arg.partition("=")
         if key not in _NEUTRAL_OPTIONS:
-            if key != "--config":
-                pairs = [p for p in pairs if p.split("=", 1)[0] != key]
-            pairs.append(arg)
+            if key == "--config" or key.endswith("+"):
+                options.setdefault(key, []).append(value)
+            else:
+                options[key] = value
         i += 1
-    return json.dumps(pairs)
+    return json.dumps(options, sort_keys=True)
+
+
+def _options_differ(recorded: str, now: str) -> str:
+    """The keys whose values differ between two :func:`run_options` records, as ``--key: a → b``."""
+    try:
+        old = json.loads(recorded)
+    except json.JSONDecodeError:
+        old = {}
+    new = json.loads(now)
+    if not isinstance(old, dict):
+        return f"{recorded} → {now}"
+    keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    return "; ".join(f"{k}: {old.get(k, '(not given)')} → {new.get(k, '(not given)')}" for k in keys)
 
 
 def pending(study: Study, done_rows: list[dict[str, str]], extra: Sequence[str] = ()) -> list[tuple[Cell, int]]:
@@ -237,11 +252,12 @@ def pending(study: Study, done_rows: list[dict[str, str]], extra: Sequence[str] 
     """
     options = run_options(study, extra)
     for row in done_rows:
-        if row.get("options") and row["options"] != options:
+        differ = _options_differ(row["options"], options) if row.get("options") else ""
+        if differ:
             raise StudyError(
-                f"{study.out / 'results.csv'} holds runs made with other options ({row['cell']} seed {row['seed']}: "
-                f"{row['options']}) than these runs get ({options}); pass the same options (the study's args and "
-                "those after --), or another --out"
+                f"{study.out / 'results.csv'} holds runs made with other options than these runs get "
+                f"({row['cell']} seed {row['seed']}: {differ}); pass the same options (the study's args and those "
+                "after --), or another --out"
             )
     for cell in study.cells:
         expected = expected_epochs(study, cell, extra)

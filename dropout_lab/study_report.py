@@ -49,12 +49,25 @@ def read_rows(path: Path) -> list[dict[str, str]]:
 def append_rows(path: Path, fields: list[str], rows: list[dict[str, Any]]) -> None:
     """Append ``rows`` to a CSV file (header first if new) and force them to disk (flush + fsync).
 
-    A file written with fewer columns (by an older version) keeps its header: the rows' other fields are dropped.
+    A file written with fewer columns (by an older version) is first rewritten with ``fields`` as its header (its
+    rows empty in the new columns, through a temporary file and a rename), so no column shifts and nothing is lost.
     """
     new = not path.exists() or path.stat().st_size == 0
     if not new:
         with path.open(newline="") as f:
-            fields = next(csv.reader(f), fields)
+            header = next(csv.reader(f), fields)
+        if header != fields and set(header) <= set(fields):
+            old_rows = read_rows(path)
+            tmp = path.with_name(path.name + ".tmp")
+            with tmp.open("w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=fields)
+                writer.writeheader()
+                writer.writerows(old_rows)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        else:
+            fields = header
     with path.open("a", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         if new:

@@ -71,7 +71,12 @@ def run_study(
 def _todo(study: Study, extra: list[str]) -> list[tuple[Cell, int]]:
     """The study's unfinished (cell, seed) pairs (:func:`pending`), announced with the count of finished ones."""
     results = study.out / "results.csv"
-    todo = pending(study, report.read_rows(results), extra)
+    rows = report.read_rows(results)
+    todo = pending(study, rows, extra)
+    unrecorded = sum(1 for row in rows if not row.get("options"))
+    if unrecorded:
+        print(f"note: {unrecorded} finished row(s) in {results} predate the record of the runs' options; "
+              "their options are not checked against this run's", flush=True)  # fmt: skip
     total = len(study.cells) * len(study.seeds)
     print(f"study {study.name}: {len(study.cells)} cells × {len(study.seeds)} seeds = {total} runs; "
           f"{total - len(todo)} done, {len(todo)} to run; results in {results}", flush=True)  # fmt: skip
@@ -159,7 +164,8 @@ def _in_flight(running: dict[Future, tuple[Cell, int]], first: BaseException) ->
         except Exception as err:  # noted on the first failure, which is the one raised
             where = f"cell {cell.name} seed {seed}"
             message = (str(err).splitlines() or [type(err).__name__])[0]
-            first.add_note(f"also failed: {message if message.startswith(where) else f'{where}: {message}'}")
+            message = message.removeprefix(f"{where}: ").removeprefix(f"cell {cell.name}: ")  # run_one's prefixes
+            first.add_note(f"also failed: {where}: {message}")
             continue
         yield (cell, seed, *result)
 

@@ -7,6 +7,7 @@ module's own forward; no second loop over training data exists.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
@@ -31,7 +32,39 @@ def markdown_table(rows: dict[str, dict[str, float]], digits: int = 4) -> str:
 
 
 class LabTrainer(L.Trainer):
-    """Lightning's ``Trainer`` with two extra subcommands for MC dropout (``mc`` and ``rotated``)."""
+    """Lightning's ``Trainer`` with two extra subcommands for MC dropout (``mc`` and ``rotated``).
+
+    Its ``limit_*_batches`` take an integer before a float: Lightning types them ``float | int``, so the CLI's
+    parser read ``--trainer.limit_val_batches 1`` (or ``1`` in a config file) as the fraction 1.0, every batch.
+
+    Args:
+        limit_train_batches: how much of the training split an epoch runs: an integer is a number of batches
+            (``1`` = one batch), a float a fraction (``1.0`` = all, the default; ``0.25`` = a quarter).
+        limit_val_batches: how much of the validation split a validation runs: an integer is a number of
+            batches, a float a fraction (default: all).
+        limit_test_batches: how much of the test split ``test`` runs: an integer is a number of batches, a
+            float a fraction (default: all).
+        limit_predict_batches: how much of the test split ``predict`` (and so ``mc``) runs: an integer is a
+            number of batches, a float a fraction (default: all).
+        **kwargs: every other argument of Lightning's ``Trainer``.
+    """
+
+    def __init__(
+        self,
+        *,
+        limit_train_batches: int | float | None = None,
+        limit_val_batches: int | float | None = None,
+        limit_test_batches: int | float | None = None,
+        limit_predict_batches: int | float | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(
+            limit_train_batches=limit_train_batches,
+            limit_val_batches=limit_val_batches,
+            limit_test_batches=limit_test_batches,
+            limit_predict_batches=limit_predict_batches,
+            **kwargs,
+        )
 
     def _output_dir(self, output_dir: str | None, ckpt_path: str | None) -> Path:
         if output_dir:

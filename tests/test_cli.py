@@ -474,14 +474,17 @@ def test_rotated_out_of_range_is_one_error_line(
     assert line.startswith(f"error: {message}"), line
 
 
-def test_an_integer_batch_count_stays_a_count(in_tmp: Path, capsys: pytest.CaptureFixture) -> None:
-    """The Trainer types limit_*_batches ``float | int``: a written 1 is one batch, not 100 % (1.0)."""
+@pytest.mark.parametrize("route", ["argv", "trainer_file"])
+def test_an_integer_batch_count_stays_a_count(route: str, in_tmp: Path, capsys: pytest.CaptureFixture) -> None:
+    """Lightning types limit_*_batches ``float | int``: here a written 1 is one batch, not 100 % (1.0)."""
     from dropout_lab.cli import DropoutLabCLI
 
     (in_tmp / "limits.yaml").write_text("trainer:\n  limit_test_batches: 1\n  limit_predict_batches: 1.0\n")
-    args = ["fit", "--config", str(MLP), *local(in_tmp), "--config", str(in_tmp / "limits.yaml"),
+    (in_tmp / "trainer.yaml").write_text("limit_val_batches: 1\n")
+    val = ["--trainer.limit_val_batches", "1"] if route == "argv" else ["--trainer", str(in_tmp / "trainer.yaml")]
+    args = ["fit", "--config", str(MLP), *local(in_tmp), "--config", str(in_tmp / "limits.yaml"), *val,
             "--data.val_size", "100", "--data.batch_size", "32", "--trainer.max_epochs", "1",
-            "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1", "--trainer.val_check_interval=2",
+            "--trainer.limit_train_batches", "2", "--trainer.val_check_interval=2",
             "--trainer.enable_progress_bar", "false"]  # fmt: skip
     cli = DropoutLabCLI(args=args)
     trainer = cli.trainer
@@ -494,11 +497,18 @@ def test_an_integer_batch_count_stays_a_count(in_tmp: Path, capsys: pytest.Captu
     assert saved["limit_val_batches"] == 1 and isinstance(saved["limit_val_batches"], int)  # a rerun gets 1 too
 
 
+def test_subcommand_usage_names_the_subcommand(in_tmp: Path, capsys: pytest.CaptureFixture) -> None:
+    for subcommand in ("fit", "mc"):
+        code, out, _ = run_main([subcommand, "--help"], capsys)
+        assert code in (0, None)
+        assert re.match(rf"usage: .*\[options\] {subcommand} \[-c CONFIG\]", out), out.splitlines()[0]
+
+
 def test_help_lists_every_program_and_whole_subcommand_lines(in_tmp: Path, capsys: pytest.CaptureFixture) -> None:
     code, out, _ = run_main(["--help"], capsys)
     assert code in (0, None)
-    usage = out.split("\n\n")[0]
-    assert "{fit,validate,test,predict,mc,rotated}" in usage and "{study,co2}" in usage, usage
+    text = " ".join(out.split())
+    assert "Two more programs share this entry point: `study`" in text and "and `co2`" in text, text
     listing = " ".join(out.split("Available subcommands:")[1].split())
     for line in (
         "test One evaluation epoch over the test split, with the weights of --ckpt_path.",

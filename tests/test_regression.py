@@ -220,6 +220,8 @@ def test_report_end_to_end(tmp_path: Path, capsys) -> None:
         (str(tanh_ckpt), str(relu)): f"relu: {tanh_ckpt} holds a tanh net, not a relu one",
         (str(relu), str(fashion)): f"tanh: {fashion} is not a checkpoint of the CO2 regressor",
         (str(notes), str(relu)): f"relu: {notes} is not a readable checkpoint",
+        (str(relu), str(RELU)): f"tanh: {RELU} trains a relu net, not a tanh one",  # refused before any training
+        (str(tanh), str(relu)): f"relu: {tanh} trains a tanh net, not a relu one",
     }
     for (relu_arg, tanh_arg), message in wrong.items():
         with pytest.raises(SystemExit) as exit_info:
@@ -227,6 +229,7 @@ def test_report_end_to_end(tmp_path: Path, capsys) -> None:
         err = capsys.readouterr().err
         assert exit_info.value.code == 2 and err.startswith(f"error: {message}") and "Traceback" not in err, err
     assert not (tmp_path / "wrong").exists()
+    assert [p.name for p in (tmp_path / "logs" / "co2_tanh").iterdir()] == ["version_0"]  # no second training
 
 
 def test_missing_extra_is_one_error_line(tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch) -> None:

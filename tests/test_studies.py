@@ -288,25 +288,37 @@ def test_a_rerun_with_other_options_is_refused(tmp_path: Path, tv_data_dir: Path
     argv = [*argv[:3], "--seeds", "0", *argv[3:]]
     cli_main(argv)
     rows = read_rows(out / "results.csv")
-    assert {r["options"] for r in rows} == {json.dumps([  # the study's args; the data folder is left out
-        "--trainer.accelerator=cpu", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1",
-        "--trainer.limit_test_batches=1", "--data.val_size=100", "--data.batch_size=32",
-    ])}  # fmt: skip
+    assert {r["options"] for r in rows} == {json.dumps({  # the study's args; data folder and device left out
+        "--trainer.limit_train_batches": "2", "--trainer.limit_val_batches": "1",
+        "--trainer.limit_test_batches": "1", "--data.val_size": "100", "--data.batch_size": "32",
+    }, sort_keys=True)}  # fmt: skip
     seeds = [*argv[:4], "0", "1", *argv[5:]]  # one more seed, so a run is left to do
     with pytest.raises(SystemExit) as exit_info:
         cli_main([*seeds, "--model.init_args.hidden_sizes", "[16, 16]"])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and "holds runs made with other options" in err and "Traceback" not in err, err
+    assert "--model.init_args.hidden_sizes: (not given) → [16, 16]" in err, err  # the key that differs is named
     assert len(read_rows(out / "results.csv")) == 2  # nothing ran
     # the same options, another spelling (`--k v`) and another data folder: the same runs
     spelled = [a for a in seeds if a != "--data.data_dir"]
     spelled[spelled.index(str(tv_data_dir))] = f"--data.data_dir={tv_data_dir}"
-    cli_main([*spelled, "--data.batch_size", "32"])
+    cli_main([*spelled, "--trainer.limit_train_batches", "2", "--trainer.accelerator", "cpu"])  # a key given again
     assert "2 done, 2 to run" in capsys.readouterr().out and len(read_rows(out / "results.csv")) == 4
 
 
-def test_rows_append_under_an_older_header(tmp_path: Path) -> None:
-    """A results.csv of a version without the `options` column keeps its columns; its rows are not checked."""
+def test_run_options_keep_what_wins(tmp_path: Path) -> None:
+    from dropout_lab.studies import run_options
+
+    study = load_study(write_study(tmp_path / "s.yaml", "base: b.yaml\ngrid: {x: [1]}\nseeds: 1\n"
+                                   "args: ['--trainer.callbacks+=A', '--data.batch_size=64']\n"))  # fmt: skip
+    extra = ["--trainer.callbacks+=B", "--config", "x.yaml", "--data.batch_size", "32", "--trainer.accelerator=gpu"]
+    assert json.loads(run_options(study, extra)) == {
+        "--trainer.callbacks+": ["A", "B"], "--config": ["x.yaml"], "--data.batch_size": "32",
+    }  # fmt: skip
+
+
+def test_rows_append_to_a_file_with_an_older_header(tmp_path: Path) -> None:
+    """A results.csv of a version without the `options` column gets it (empty for its rows); nothing shifts."""
     path = tmp_path / "results.csv"
     old = [f for f in RESULT_FIELDS if f != "options"]
     with path.open("w", newline="") as f:
@@ -315,7 +327,9 @@ def test_rows_append_under_an_older_header(tmp_path: Path) -> None:
         writer.writerow({k: "1" for k in old})
     append_rows(path, RESULT_FIELDS, [{k: "2" for k in RESULT_FIELDS}])
     rows = read_rows(path)
-    assert [set(r) for r in rows] == [set(old)] * 2 and [r["seed"] for r in rows] == ["1", "2"]
+    assert [list(r) for r in rows] == [RESULT_FIELDS] * 2
+    assert [(r["seed"], r["options"]) for r in rows] == [("1", ""), ("2", "2")]
+    assert not list(tmp_path.glob("*.tmp"))
 
 
 def test_the_finished_runs_are_read_after_the_lock_is_taken(tmp_path: Path, tv_data_dir: Path, capsys, monkeypatch):
@@ -398,10 +412,12 @@ def _worker_wild_fails_while_others_run(threads: int, study, cell: Cell, seed: i
         raise AssertionError
     if cell.name == "wild2":
         raise DivergenceError(f"cell wild2 seed {seed}: training diverged: the training loss was not finite at step 1")
+    if cell.name == "bad":  # run_one's config errors name the cell alone
+        raise StudyError("cell bad: model.dropouts: expected 2 probabilities")
     return {"cell": cell.name, "seed": seed, "after_the_failure": marker.exists()}, []
 
 
-@pytest.mark.parametrize("other", ["calm", "broken", "wild2"])
+@pytest.mark.parametrize("other", ["calm", "broken", "wild2", "bad"])
 def test_with_jobs_a_failure_keeps_the_runs_in_flight_and_starts_no_other(
     tmp_path: Path, monkeypatch, capsys, other: str
 ) -> None:
@@ -428,5 +444,6 @@ def test_with_jobs_a_failure_keeps_the_runs_in_flight_and_starts_no_other(
         "calm": [],
         "broken": ["also failed: cell broken seed 4: AssertionError"],
         "wild2": ["also failed: cell wild2 seed 4: training diverged: the training loss was not finite at step 1"],
+        "bad": ["also failed: cell bad seed 4: model.dropouts: expected 2 probabilities"],
     }
     assert lines[1:] == also[other]
