@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib
 import os
-import re
 import secrets
 import sys
 from pathlib import Path
@@ -17,6 +16,7 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from dropout_lab.cli_text import DESCRIPTION, SUBCOMMAND_HELP, condense_error, model_help_args
 from dropout_lab.data import FashionMNISTDataModule
 from dropout_lab.idx import DataError
 from dropout_lab.models import ClassifierModule
@@ -26,25 +26,8 @@ from dropout_lab.trainer import LabTrainer
 
 __all__ = ["ConfigError", "DropoutLabCLI", "main"]
 
-DESCRIPTION = (
-    "Train and study dropout-regularized networks on FashionMNIST. "
-    "Pick a model with --model (class path, e.g. dropout_lab.models.DropoutMLP) or a config file; "
-    "`fit` trains, then tests the best checkpoint (--test_after_fit false to skip). "
-    "Logs go to TensorBoard: tensorboard --logdir lightning_logs. "
-    "Two more programs share this entry point: `study` (multi-seed grids of fit runs; `study --help`) "
-    "and `co2` (MC-dropout regression on the Mauna Loa CO2 series; `co2 --help`)."
-)
-
 # Programs reached through this entry point besides LightningCLI's subcommands: first argument → "module:function".
 APPS = {"study": "dropout_lab.studies:main", "co2": "dropout_lab.regression_cli:main"}
-# The subcommands' one-line help in `--help` (Lightning's docstrings break off at their first line)
-SUBCOMMAND_HELP = {
-    "fit": "Train (resume with --ckpt_path), then test the best checkpoint (--test_after_fit false to skip).",
-    "validate": "One evaluation epoch over the validation split, with the weights of --ckpt_path.",
-    "test": "One evaluation epoch over the test split, with the weights of --ckpt_path.",
-    "predict": "The class probabilities of the test split, with the weights of --ckpt_path (returned to Python "
-    "callers; the command line prints nothing).",
-}
 # Subcommands that evaluate a trained net: without --ckpt_path they would use the initial weights
 NEEDS_CHECKPOINT = ("mc", "rotated")
 WARNS_WITHOUT_CHECKPOINT = ("validate", "test", "predict")
@@ -255,45 +238,6 @@ def _launched_per_process() -> bool:
     return any(size.isdigit() and int(size) > 1 for size in sizes)
 
 
-_NOISE = (
-    "Does not validate against",
-    "Subtypes:",
-    "Errors:",
-    "Given value",
-    "Problem with given class_path",
-    "Expected a <class 'NoneType'>",
-)
-
-
-def condense_error(message: str) -> str:
-    """One line from a (possibly nested, multi-line) parser or constructor error: the full key and the reason."""
-    keys: list[str] = []
-    for raw in message.strip().splitlines():
-        line = raw.strip().removeprefix("- ").strip()
-        if not line or line.startswith(_NOISE):
-            continue
-        found = re.match(r'Parser key "([^"]+)":\s*(.*)', line)
-        if found:
-            keys.append(found.group(1))
-            line = found.group(2)
-            if not line:
-                continue
-        key = ".".join(keys)
-        return f"{key}: {line}" if key and not line.startswith(key) else line
-    return message.strip().splitlines()[0] if message.strip() else "invalid arguments"
-
-
-def _model_help(args: list[str]) -> list[str]:
-    """``fit --model NAME --help`` → ``fit --model.help NAME``, which documents the model's own arguments."""
-    if not {"-h", "--help"} & set(args) or "--model" not in args:
-        return args
-    i = args.index("--model")
-    if i + 1 >= len(args) or args[i + 1].startswith("-") or args[i + 1].endswith((".yaml", ".yml", ".json")):
-        return args
-    rest = [a for j, a in enumerate(args) if j not in (i, i + 1) and a not in ("-h", "--help")]
-    return [*rest, "--model.help", args[i + 1]]
-
-
 def _run_app(name: str, args: list[str]) -> None:
     """Run one of :data:`APPS` (imported only when asked for) with the remaining arguments."""
     module, function = APPS[name].split(":")
@@ -307,9 +251,9 @@ def main(args: Any = None) -> None:
         _run_app(argv[0], list(argv[1:]))
         return
     if args is None:
-        sys.argv[1:] = _model_help(sys.argv[1:])
+        sys.argv[1:] = model_help_args(sys.argv[1:])
     elif isinstance(args, list):
-        args = _model_help(args)
+        args = model_help_args(args)
     try:
         DropoutLabCLI(args=args)
     except (DataError, ConfigError, MisconfigurationException, ArgumentError) as err:

@@ -13,8 +13,7 @@ CPU.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from jsonargparse.typing import NonNegativeFloat, PositiveInt
@@ -25,14 +24,11 @@ from torch import Tensor, nn
 from dropout_lab.classifier import ClassifierModule
 from dropout_lab.member_gradients import MemberGradients
 from dropout_lab.nets import NUM_CLASSES, NUM_INPUTS
-from dropout_lab.population_report import cell_table
+from dropout_lab.population_report import CellReport
 from dropout_lab.stacked import MemberDropout, StackedLinear, member_generators
 from dropout_lab.types import Probability
 
 __all__ = ["MemberDropout", "PopulationMLP", "StackedLinear"]
-
-
-_OPTIMIZER_DECAY = "population_optimizer_decay"  # checkpoint key: the optimizer's class and own weight_decay
 
 
 def _best(name: str) -> str:
@@ -40,7 +36,7 @@ def _best(name: str) -> str:
     return "best_" + name.replace(".", "_")
 
 
-class PopulationMLP(MemberGradients, ClassifierModule):
+class PopulationMLP(CellReport, MemberGradients, ClassifierModule):
     """``cells × members_per_cell`` dropout MLPs (the d2l architecture) trained together as one module.
 
     Logs the population means ``train/loss``, ``train/acc``, ``val/acc``, ``test/acc`` and, per member,
@@ -131,7 +127,6 @@ class PopulationMLP(MemberGradients, ClassifierModule):
             self.register_buffer(_best(name), param.detach().clone())
         self._backup: list[Tensor] = []
         self._member_losses: Tensor | None = None  # the last training step's (K,) losses, set by train_loss
-        self._optimizer_decay: tuple[str, float] | None = None  # (class, weight_decay), set by configure_optimizers
 
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> PopulationMLP:
         """``.to()``, ``.half()``, ``.cuda()``…: ``wd`` and ``best_val_acc`` follow the device, never a dtype cast.
@@ -207,38 +202,6 @@ class PopulationMLP(MemberGradients, ClassifierModule):
                 self.log(f"{stage}/loss/{name}", value)
         if stage == "test":
             self._report_cells(acc)
-
-    def cell_table(self, acc: Tensor) -> str:
-        """A Markdown table of each cell's accuracy ``acc`` (K,): mean ± sample std over its members, in %."""
-        return cell_table(acc, self.hparams.dropouts, self.cell_wds, self._optimizer_decay)
-
-    def configure_optimizers(self) -> Any:
-        """The base class's optimizer; its own ``weight_decay`` (Adam's, AdamW's) is noted for :meth:`cell_table`."""
-        configured = super().configure_optimizers()
-        optimizer = configured["optimizer"] if isinstance(configured, dict) else configured
-        self._optimizer_decay = (type(optimizer).__name__, float(optimizer.defaults.get("weight_decay", 0.0)))
-        return configured
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Keep the optimizer's own weight decay with the weights, for the table of a later ``test``."""
-        checkpoint[_OPTIMIZER_DECAY] = self._optimizer_decay
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Restore the optimizer's weight decay noted by :meth:`on_save_checkpoint` (absent in older files)."""
-        super().on_load_checkpoint(checkpoint)
-        saved = checkpoint.get(_OPTIMIZER_DECAY)
-        self._optimizer_decay = None if saved is None else (str(saved[0]), float(saved[1]))
-
-    def _report_cells(self, acc: Tensor) -> None:
-        """Print the test's :meth:`cell_table` and write it to ``<log_dir>/test_cells.md`` (rank zero)."""
-        log_dir = self.trainer.log_dir or self.trainer.default_root_dir  # every rank: log_dir broadcasts
-        if not self.trainer.is_global_zero:
-            return
-        table = self.cell_table(acc)
-        path = Path(log_dir) / "test_cells.md"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(table)
-        self.print(f"\ntest accuracy per cell, mean ± std over its members c<cell>s<j> (also in {path}):\n{table}")
 
     @torch.no_grad()
     def _keep_best(self, acc: Tensor) -> None:

@@ -23,7 +23,8 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from dropout_lab.cli import ConfigError, condense_error
+from dropout_lab.cli import ConfigError
+from dropout_lab.cli_text import condense_error
 from dropout_lab.regression import CO2DataModule, MCDropoutRegressor, MissingExtraError, mc_moments, require
 from dropout_lab.trainer import markdown_table
 

@@ -31,7 +31,8 @@ import torch
 import yaml
 
 from dropout_lab import study_report as report
-from dropout_lab.studies import Cell, Study, StudyError, run_args, run_options
+from dropout_lab.studies import Cell, Study, StudyError, run_args
+from dropout_lab.study_resume import run_options
 
 __all__ = ["population_cells", "population_config", "run_population"]
 
@@ -223,7 +224,8 @@ def _fit(study: Study, cells: list[Cell], args: list[str], run_dir: Path) -> tup
     from jsonargparse import ArgumentError
     from lightning.fabric.utilities.exceptions import MisconfigurationException
 
-    from dropout_lab.cli import ConfigError, DropoutLabCLI, condense_error
+    from dropout_lab.cli import ConfigError, DropoutLabCLI
+    from dropout_lab.cli_text import condense_error
     from dropout_lab.idx import DataError
     from dropout_lab.reliability import DivergenceError
 

@@ -1,13 +1,11 @@
-"""A study's results: its CSV files, TensorBoard scalars, mean ± std per cell, Welch's t-tests, tables, figure.
+"""A study's results: mean ± std per cell, Welch's t-tests, tables, figure (its files: :mod:`dropout_lab.study_io`).
 
 The figures themselves are drawn by :mod:`dropout_lab.plots` from the arrays this module builds.
 """
 
 from __future__ import annotations
 
-import csv
 import math
-import os
 import re
 from collections import defaultdict
 from collections.abc import Sequence
@@ -19,6 +17,7 @@ import numpy as np
 
 from dropout_lab import plots
 from dropout_lab.stats import betainc, holm, mean_std, welch_t
+from dropout_lab.study_io import CURVE_FIELDS, RESULT_FIELDS, append_rows, read_rows, read_scalars
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -32,58 +31,7 @@ __all__ = [
 
 ALPHA = 0.05
 Rows = list[dict[str, str]]
-RESULT_FIELDS = [
-    "cell", "seed", "max_epochs", "test_acc", "test_loss", "val_acc", "best_val_acc", "train_acc", "gap",
-    "steps", "seconds", "overrides", "finished", "options",
-]  # fmt: skip
-CURVE_FIELDS = ["cell", "seed", "tag", "step", "value"]
 POPULATION_NOTES = "population.json"  # written by ``study --population`` (dropout_lab.study_population)
-
-
-def read_rows(path: Path) -> list[dict[str, str]]:
-    """The rows of a CSV file written by this module (none if it does not exist)."""
-    with path.open(newline="") if path.exists() else open(os.devnull) as f:
-        return list(csv.DictReader(f))
-
-
-def append_rows(path: Path, fields: list[str], rows: list[dict[str, Any]]) -> None:
-    """Append ``rows`` to a CSV file (header first if new) and force them to disk (flush + fsync).
-
-    A file written with fewer columns (by an older version) is first rewritten with ``fields`` as its header (its
-    rows empty in the new columns, through a temporary file and a rename), so no column shifts and nothing is lost.
-    """
-    new = not path.exists() or path.stat().st_size == 0
-    if not new:
-        with path.open(newline="") as f:
-            header = next(csv.reader(f), fields)
-        if header != fields and set(header) <= set(fields):
-            old_rows = read_rows(path)
-            tmp = path.with_name(path.name + ".tmp")
-            with tmp.open("w", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=fields)
-                writer.writeheader()
-                writer.writerows(old_rows)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        else:
-            fields = header
-    with path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-        if new:
-            writer.writeheader()
-        writer.writerows(rows)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def read_scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    """Every scalar series in a TensorBoard run folder (all its event files): ``{tag: [(step, value), ...]}``."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
-    acc.Reload()
-    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
 def format_value(value: Any, key: str = "") -> str:

@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from dropout_lab import study_report as report
-from dropout_lab.studies import MIN_SEEDS, Cell, Study, StudyError, pending, run_args, run_options
+from dropout_lab.studies import MIN_SEEDS, Cell, Study, StudyError, run_args
+from dropout_lab.study_resume import pending, run_options
 
 __all__ = ["run_one", "run_study"]
 
@@ -200,7 +201,8 @@ def run_one(study: Study, cell: Cell, seed: int, logdir: Path, extra: list[str],
     from jsonargparse import ArgumentError
     from lightning.fabric.utilities.exceptions import MisconfigurationException
 
-    from dropout_lab.cli import ConfigError, DropoutLabCLI, condense_error
+    from dropout_lab.cli import ConfigError, DropoutLabCLI
+    from dropout_lab.cli_text import condense_error
     from dropout_lab.idx import DataError
     from dropout_lab.reliability import DivergenceError
 

@@ -20,7 +20,8 @@ import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from dropout_lab import idx
-from dropout_lab.cli import condense_error, main
+from dropout_lab.cli import main
+from dropout_lab.cli_text import condense_error
 from dropout_lab.data import FashionMNISTDataModule
 from dropout_lab.models import DropoutMLP
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from dropout_lab.cli import main as cli_main
-from dropout_lab.studies import Cell, StudyError, expand_grid, load_study, pending
+from dropout_lab.studies import Cell, StudyError, expand_grid, load_study
 from dropout_lab.study_report import (
     RESULT_FIELDS,
     append_rows,
@@ -25,6 +25,7 @@ from dropout_lab.study_report import (
     tables,
     welch_t,
 )
+from dropout_lab.study_resume import pending
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -307,7 +308,7 @@ def test_a_rerun_with_other_options_is_refused(tmp_path: Path, tv_data_dir: Path
 
 
 def test_run_options_keep_what_wins(tmp_path: Path) -> None:
-    from dropout_lab.studies import run_options
+    from dropout_lab.study_resume import run_options
 
     study = load_study(write_study(tmp_path / "s.yaml", "base: b.yaml\ngrid: {x: [1]}\nseeds: 1\n"
                                    "args: ['--trainer.callbacks+=A', '--data.batch_size=64']\n"))  # fmt: skip
