@@ -24,7 +24,7 @@ from dropout_lab.reliability import DivergenceError, DivergenceGuard, LastEveryE
 from dropout_lab.runs import ProvenanceSaveConfig, resolve_ckpt_path
 from dropout_lab.trainer import LabTrainer
 
-__all__ = ["ConfigError", "DropoutLabCLI", "main"]
+__all__ = ["ConfigError", "DropoutLabCLI", "main", "read_checkpoint"]
 
 # Programs reached through this entry point besides LightningCLI's subcommands: first argument → "module:function".
 APPS = {"study": "dropout_lab.studies:main", "co2": "dropout_lab.regression_cli:main"}
@@ -115,14 +115,8 @@ class DropoutLabCLI(LightningCLI):
         subcommand = self.config.get("subcommand")
         path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if path and Path(path).is_file():
-            try:
-                checkpoint = torch.load(path, weights_only=True, map_location="cpu")
-            except Exception as err:  # the weights-only unpickler raises anything on a file of another kind
-                raise ConfigError(
-                    f"ckpt_path: {path} is not a readable checkpoint (torch.load failed: {type(err).__name__}); "
-                    "pass a .ckpt file written by fit, or 'last'"
-                ) from None
-            if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+            checkpoint = read_checkpoint(path, "ckpt_path", weights_only=True)
+            if "state_dict" not in checkpoint:
                 raise ConfigError(f"ckpt_path: {path} is not a Lightning checkpoint (it holds no state_dict)")
         before = _model_class(self.config, subcommand)
         super()._parse_ckpt_path()
@@ -223,6 +217,24 @@ class DropoutLabCLI(LightningCLI):
         if isinstance(callback, ModelCheckpoint) and not getattr(self.model, "test_in_memory_after_fit", False):
             ckpt = callback.best_model_path or callback.last_model_path or None
         self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt)
+
+
+def read_checkpoint(path: str, option: str, weights_only: bool) -> dict[str, Any]:
+    """The checkpoint dict at ``path`` (on the CPU).
+
+    Raises:
+        ConfigError: ``path`` (given as ``option``) is no file ``torch.load`` reads, or holds no dict.
+    """
+    try:
+        checkpoint = torch.load(path, weights_only=weights_only, map_location="cpu")
+    except Exception as err:  # the (weights-only) unpickler raises anything on a file of another kind
+        raise ConfigError(
+            f"{option}: {path} is not a readable checkpoint (torch.load failed: {type(err).__name__}); "
+            "pass a .ckpt file written by fit, or 'last'"
+        ) from None
+    if not isinstance(checkpoint, dict):
+        raise ConfigError(f"{option}: {path} is not a Lightning checkpoint (it holds no state_dict)")
+    return checkpoint
 
 
 def _model_class(config: Any, subcommand: str | None) -> str | None:

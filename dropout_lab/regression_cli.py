@@ -23,7 +23,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from dropout_lab.cli import ConfigError
+from dropout_lab.cli import ConfigError, read_checkpoint
 from dropout_lab.cli_text import condense_error
 from dropout_lab.regression import CO2DataModule, MCDropoutRegressor, MissingExtraError, mc_moments, require
 from dropout_lab.trainer import markdown_table
@@ -178,12 +178,9 @@ def _data_of(nets: dict[str, str]) -> CO2DataModule:
     found = {}
     for name, ckpt in nets.items():
         option = name.lower()
-        try:
-            checkpoint = torch.load(ckpt, map_location="cpu", weights_only=False)
-        except Exception as err:  # a file of another kind: any unpickling error
-            raise ConfigError(f"{option}: {ckpt} is not a readable checkpoint ({type(err).__name__})") from None
-        saved = checkpoint.get("datamodule_hyper_parameters", {}) if isinstance(checkpoint, dict) else {}
-        hparams = checkpoint.get("hyper_parameters", {}) if isinstance(checkpoint, dict) else {}
+        checkpoint = read_checkpoint(ckpt, option, weights_only=False)
+        saved = checkpoint.get("datamodule_hyper_parameters", {})
+        hparams = checkpoint.get("hyper_parameters", {})
         if "holdout_years" not in saved or "activation" not in hparams:
             raise ConfigError(f"{option}: {ckpt} is not a checkpoint of the CO2 regressor (co2 fit writes those)")
         if hparams["activation"] != option:

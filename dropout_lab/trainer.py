@@ -4,10 +4,8 @@ Both go through the Trainer's own machinery (``predict`` loads the checkpoint an
 module's own forward; no second loop over training data exists.
 """
 
-from __future__ import annotations
-
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import lightning as L
 import torch
@@ -31,6 +29,13 @@ def markdown_table(rows: dict[str, dict[str, float]], digits: int = 4) -> str:
     return "\n".join(lines)
 
 
+# int before float; Annotated, because a Union equals its reordering (Union[float, int] == Union[int, float]), so a
+# parser's cache would hand back Lightning's float-first Union once a plain Trainer's arguments were added. (This
+# module's annotations are evaluated at definition, no `from __future__ import annotations`: parsed from strings,
+# the annotation met the same cache.)
+BatchLimit = Annotated[int | float | None, "an integer is a number of batches, a float a fraction"]
+
+
 class LabTrainer(L.Trainer):
     """Lightning's ``Trainer`` with two extra subcommands for MC dropout (``mc`` and ``rotated``).
 
@@ -52,10 +57,10 @@ class LabTrainer(L.Trainer):
     def __init__(
         self,
         *,
-        limit_train_batches: int | float | None = None,
-        limit_val_batches: int | float | None = None,
-        limit_test_batches: int | float | None = None,
-        limit_predict_batches: int | float | None = None,
+        limit_train_batches: BatchLimit = None,
+        limit_val_batches: BatchLimit = None,
+        limit_test_batches: BatchLimit = None,
+        limit_predict_batches: BatchLimit = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(

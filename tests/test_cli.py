@@ -498,6 +498,23 @@ def test_an_integer_batch_count_stays_a_count(route: str, in_tmp: Path, capsys: 
     assert saved["limit_val_batches"] == 1 and isinstance(saved["limit_val_batches"], int)  # a rerun gets 1 too
 
 
+def test_batch_counts_stay_integers_after_a_plain_trainer_was_parsed() -> None:
+    """A Union equals its reordering, so a parser's cache once gave LabTrainer Lightning's float-first type after
+    any plain ``Trainer`` parser (the ``co2`` command's) had been built in the same process."""
+    import lightning as L
+    from jsonargparse import ArgumentParser
+
+    from dropout_lab.trainer import LabTrainer
+
+    ArgumentParser().add_class_arguments(L.Trainer, "trainer")
+    parser = ArgumentParser()
+    parser.add_class_arguments(LabTrainer, "trainer")
+    for key in ("limit_train_batches", "limit_val_batches", "limit_test_batches", "limit_predict_batches"):
+        parsed = parser.parse_args([f"--trainer.{key}", "1"]).trainer[key]
+        assert parsed == 1 and type(parsed) is int, (key, parsed)
+        assert parser.parse_args([f"--trainer.{key}", "0.5"]).trainer[key] == 0.5
+
+
 def test_subcommand_usage_names_the_subcommand(in_tmp: Path, capsys: pytest.CaptureFixture) -> None:
     for subcommand in ("fit", "mc"):
         code, out, _ = run_main([subcommand, "--help"], capsys)
